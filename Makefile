@@ -1,0 +1,57 @@
+# One entry point for every task; see README.md.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODELS_DIR ?= models
+PROTOS := shared_proto/inference.proto shared_proto/compositing.proto
+
+.PHONY: install proto proto-check lint test test-fast bench bench-inference models demo run clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+# Generate the Python package from shared_proto/*.proto (committed; see proto-check).
+proto: install
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+
+# Fails when the committed generated code is not what `make proto` produces
+# (the tool's version stamps aside).
+proto-check: install
+	@tmp=$$(mktemp -d) && \
+	$(PY) -m grpc_tools.protoc -I . --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTOS) && \
+	$(PY) tools/compare_generated.py $$tmp/shared_proto shared_proto; rc=$$?; rm -rf $$tmp; exit $$rc
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: install proto lint
+	$(PY) -m pytest -q --cov --cov-report=term-missing:skip-covered --cov-fail-under=85
+
+# The suite without the full-size unet328 tests.
+test-fast: install proto
+	$(PY) -m pytest -q -m "not slow"
+
+models: install
+	$(VENV)/bin/lipsync-models --out $(MODELS_DIR)
+
+bench: bench-inference
+
+bench-inference: install
+	$(PY) bench/bench_inference.py --models-dir $(MODELS_DIR) --out bench/results/inference.json
+
+# Set-up and the main job in one command (grows into the full cluster demo).
+demo: models
+	$(PY) -m demo_models.demo_run --models-dir $(MODELS_DIR)
+
+run: models
+	$(VENV)/bin/lipsync-inference --config $(MODELS_DIR)/inference.yaml
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .coverage

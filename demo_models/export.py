@@ -1,0 +1,118 @@
+"""Write every generated model plus a ready inference config into one models directory.
+
+Why: a fresh checkout (CI, a laptop, a load test) needs a complete, loadable models root without trained
+checkpoints; one call lays it out exactly as the inference service expects it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import onnx
+
+from demo_models import audio_encoder, talking, unet328
+
+CONFIG_NAME = "inference.yaml"
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> Path:
+    """Validate before writing so a broken graph never reaches the serving side."""
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def _io_spec(shapes: dict[str, list[int]]) -> dict[str, dict[str, object]]:
+    return {name: {"shape": ["batch", *shape], "dtype": "float32"} for name, shape in shapes.items()}
+
+
+def render_config(models_root: Path, include_unet328: bool = True) -> str:
+    """The inference service config; models_root is absolute so the file works from any cwd."""
+    root = json.dumps(str(models_root.resolve()))  # a JSON string is a valid YAML double-quoted scalar
+    lines = [
+        f"models_root: {root}",
+        "server:",
+        '  port: ":50051"',
+        "  max_message_size_mb: 64",
+        "  worker_count_per_gpu: 2",
+        "gpus:",
+        "  enabled: false",
+        "  count: 0",
+        "capacity:",
+        "  max_models: 4",
+        "  max_memory_gb: 8",
+        "  eviction_policy: lfu",
+        "onnx:",
+        "  intra_op_threads: 0",
+        "  inter_op_threads: 1",
+        "models:",
+        "  demo:",
+        "    model_path: demo/model.onnx",
+        "    audio_encoder_path: demo/audio_encoder.onnx",
+        "    preload: true",
+    ]
+    if include_unet328:
+        lines += [
+            "  unet328:",
+            "    model_path: unet328/model.onnx",
+            "    audio_encoder_path: unet328/audio_encoder.onnx",
+            "    preload: false",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_all(out_dir: Path, seed: int = 0, include_unet328: bool = True) -> dict:
+    """Generate all models under out_dir and return what was written, with sizes and timings.
+
+    Without the unet328 the config lists only the demo model, so it never points at missing files.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result: dict = {"models_root": str(out_dir.resolve()), "seed": seed}
+
+    t0 = time.perf_counter()
+    demo_dir = out_dir / "demo"
+    result["demo"] = {
+        "model_path": str(save_model(talking.build_demo(seed), demo_dir / "model.onnx")),
+        "audio_encoder_path": str(save_model(talking.build_demo_audio_encoder(seed), demo_dir / "audio_encoder.onnx")),
+    }
+
+    if include_unet328:
+        unet_dir = out_dir / "unet328"
+        model, stats = unet328.build_unet328_with_stats(seed)
+        enc, enc_stats = audio_encoder.build_audio_encoder_with_stats(seed)
+        info = {
+            "params": stats.params,
+            "params_onnx": stats.params_folded,
+            "gmac_per_frame": round(stats.gmac, 4),
+            "inputs": _io_spec(unet328.INPUTS),
+            "outputs": _io_spec(unet328.OUTPUTS),
+            "audio_encoder": {
+                "params": enc_stats.params,
+                "params_onnx": enc_stats.params_folded,
+                "gmac_per_chunk": round(enc_stats.gmac, 4),
+                "inputs": _io_spec(audio_encoder.INPUTS),
+                "outputs": _io_spec(audio_encoder.OUTPUTS),
+            },
+            "seed": seed,
+            "note": "random weights with the SyncTalk_2D 328 (ave) architecture; BatchNorm folded",
+        }
+        result["unet328"] = {
+            "model_path": str(save_model(model, unet_dir / "model.onnx")),
+            "audio_encoder_path": str(save_model(enc, unet_dir / "audio_encoder.onnx")),
+            **{k: info[k] for k in ("params", "params_onnx", "gmac_per_frame")},
+            "audio_encoder_params": enc_stats.params,
+            "audio_encoder_gmac": round(enc_stats.gmac, 4),
+        }
+        json_path = unet_dir / "model.json"
+        json_path.write_text(json.dumps(info, indent=2) + "\n")
+        result["unet328"]["info_path"] = str(json_path)
+
+    config_path = out_dir / CONFIG_NAME
+    config_path.write_text(render_config(out_dir, include_unet328))
+    result["config_path"] = str(config_path)
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    return result

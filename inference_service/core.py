@@ -1,0 +1,150 @@
+"""The work behind every inference RPC, as a plain class.
+
+The gRPC servicer only translates messages and errors; the compositing
+service's in-process mode and the tests call this class directly, so both
+paths run the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from service_common.errors import InvalidArgument, Unimplemented
+
+from . import __version__
+from .config import InferenceConfig
+from .devices import Device, select_devices
+from .engine import DeviceWorkers, LipSyncModel
+from .registry import LoadOutcome, ModelEntry, ModelRegistry
+from .tensors import audio_windows, batch_of, to_model_input, to_output_dtype
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InferResult:
+    outputs: np.ndarray  # [B, 3, H, W], float32 or uint8
+    inference_ms: float
+    queue_ms: float
+    audio_ms: float
+    worker_id: int
+    device: Device
+    load: LoadOutcome | None  # set when this request loaded the model
+
+
+@dataclass
+class DeviceStatus:
+    device: Device
+    loaded_models: int
+    used_memory_bytes: int
+    active_runs: int
+    queued_runs: int
+
+
+class InferenceCore:
+    def __init__(self, config: InferenceConfig, devices: list[Device] | None = None) -> None:
+        self.config = config
+        self.devices = devices if devices is not None else select_devices(config)
+        self.registry = ModelRegistry(config, self.devices)
+        self.workers = {d.label: DeviceWorkers(d, config.max_queue_per_device) for d in self.devices}
+        self.version = __version__
+
+    @property
+    def cuda_available(self) -> bool:
+        return any(d.kind == "cuda" for d in self.devices)
+
+    async def start(self) -> None:
+        """Preload configured models off the event loop."""
+        await asyncio.to_thread(self.registry.preload)
+
+    def close(self) -> None:
+        for pool in self.workers.values():
+            pool.shutdown()
+
+    # -- InferBatch --------------------------------------------------------
+
+    async def _checkout(self, model_id: str) -> tuple[ModelEntry, LoadOutcome | None]:
+        entry = self.registry.try_checkout(model_id)
+        if entry is not None:
+            return entry, None
+        return await asyncio.to_thread(self.registry.checkout, model_id)
+
+    async def infer(
+        self,
+        model_id: str,
+        visual: np.ndarray,
+        audio_features: np.ndarray | None,
+        *,
+        batch_size: int = 0,
+        audio_shape: tuple[int, ...] | list[int] = (),
+        raw_audio: bytes = b"",
+        output_dtype: type | np.dtype = np.float32,
+    ) -> InferResult:
+        """Run a batch. ``visual`` is flat or shaped uint8/float32; shapes are checked here."""
+        if batch_size < 0:
+            raise InvalidArgument(
+                f"batch_size: expected 0 (infer) or 1..{self.config.max_batch_size}, got {batch_size}"
+            )
+        if visual.dtype not in (np.uint8, np.float32):
+            raise InvalidArgument(f"visual_frames: expected uint8 or float32, got {visual.dtype}")
+        if np.dtype(output_dtype) not in (np.uint8, np.float32):
+            raise InvalidArgument(f"output_dtype: expected uint8 or float32, got {np.dtype(output_dtype)}")
+        if audio_features is None or audio_features.size == 0:
+            if raw_audio:
+                raise Unimplemented("raw_audio: not supported yet; send audio_features (float32 [B,32,16,16])")
+            raise InvalidArgument("audio_features: required (float32 [32,16,16] or [B,32,16,16])")
+        entry, load = await self._checkout(model_id)
+        inference_ms = 0.0
+        frames = 0
+        try:
+            model = entry.model
+            frames_in = batch_of(visual.reshape(-1), model.visual_shape, batch_size, "visual_frames")
+            frames = frames_in.shape[0]
+            if frames > self.config.max_batch_size:
+                raise InvalidArgument(
+                    f"batch_size: expected at most {self.config.max_batch_size} frames "
+                    f"(server.max_batch_size), got {frames}"
+                )
+            audio = audio_windows(audio_features.reshape(-1), model.audio_shape, frames, audio_shape)
+            pool = self.workers[model.device.label]
+            run = await pool.run(_run_batch, model, frames_in, audio, np.dtype(output_dtype))
+            inference_ms = run.run_ms
+        except BaseException:
+            self.registry.release(entry)
+            raise
+        self.registry.release(entry, frames, inference_ms)
+        return InferResult(run.value, run.run_ms, run.queue_ms, 0.0, run.worker_id, model.device, load)
+
+    # -- management --------------------------------------------------------
+
+    async def load(self, model_id: str, force_reload: bool = False, model_path: str = "") -> LoadOutcome:
+        return await asyncio.to_thread(self.registry.load, model_id, force_reload, model_path)
+
+    async def unload(self, model_id: str) -> None:
+        await asyncio.to_thread(self.registry.unload, model_id)
+
+    def device_status(self) -> list[DeviceStatus]:
+        entries = self.registry.entries()
+        out = []
+        for device in self.devices:
+            mine = [e for e in entries if e.model.device.label == device.label]
+            pool = self.workers[device.label]
+            out.append(DeviceStatus(device, len(mine), sum(e.memory_bytes for e in mine), pool.active, pool.queued))
+        return out
+
+
+def _run_batch(model: LipSyncModel, visual: np.ndarray, audio: np.ndarray, output_dtype: np.dtype) -> np.ndarray:
+    """Worker-thread part: dtype conversion, the forward pass, output conversion."""
+    started = time.perf_counter()
+    if visual.dtype == np.float32 and not np.isfinite(visual).all():
+        raise InvalidArgument("visual_frames: contains NaN or infinity")
+    model_visual = to_model_input(visual)
+    model_audio = np.ascontiguousarray(audio, dtype=np.float32)
+    out = model.run(model_visual, model_audio)
+    log.debug("batch of %d on %s in %.1f ms", len(visual), model.device.label, (time.perf_counter() - started) * 1e3)
+    return to_output_dtype(out, output_dtype)

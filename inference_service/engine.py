@@ -1,0 +1,183 @@
+"""ONNX Runtime sessions for lip-sync models, and the worker pool of each device.
+
+A device runs at most ``workers`` inference calls at once; callers past that
+wait in a bounded queue. Work runs on the pool's threads, never on the event
+loop: ONNX Runtime releases the GIL inside ``run``, so the loop keeps
+serving other calls while a batch computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import onnxruntime as ort
+
+from service_common.errors import Internal, InvalidArgument, ResourceExhausted
+
+from .config import OnnxConfig
+from .devices import Device, providers_for, session_options
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+VISUAL_INPUT = "input"
+AUDIO_INPUT = "audio"
+DEFAULT_VISUAL_SHAPE = (6, 320, 320)
+DEFAULT_AUDIO_SHAPE = (32, 16, 16)
+DEFAULT_OUTPUT_SHAPE = (3, 320, 320)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    value: Any
+    queue_ms: float
+    run_ms: float
+    worker_id: int
+
+
+class DeviceWorkers:
+    """A bounded worker pool for one device."""
+
+    def __init__(self, device: Device, max_queue: int) -> None:
+        self.device = device
+        self.max_queue = max_queue
+        self._ids = itertools.count()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.active = 0
+        self.queued = 0
+        self._executor = ThreadPoolExecutor(
+            max_workers=device.workers,
+            thread_name_prefix=f"infer-{device.label}",
+            initializer=self._init_worker,
+        )
+
+    def _init_worker(self) -> None:
+        self._local.worker_id = next(self._ids)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> RunResult:
+        """Run ``fn(*args)`` on a worker; queue time and run time are measured apart."""
+        with self._lock:
+            if self.queued >= self.max_queue:
+                raise ResourceExhausted(
+                    f"device {self.device.label}: {self.queued} calls already queued (limit "
+                    f"server.max_queue_per_device={self.max_queue}); retry later",
+                    retry_after_ms=100,
+                )
+            self.queued += 1
+        submitted = time.perf_counter()
+        abandoned = threading.Event()
+
+        def job() -> RunResult | None:
+            started = time.perf_counter()
+            with self._lock:
+                self.queued -= 1
+                if abandoned.is_set():
+                    return None
+                self.active += 1
+            try:
+                value = fn(*args)
+            finally:
+                with self._lock:
+                    self.active -= 1
+            return RunResult(
+                value,
+                (started - submitted) * 1000.0,
+                (time.perf_counter() - started) * 1000.0,
+                getattr(self._local, "worker_id", 0),
+            )
+
+        future = asyncio.get_running_loop().run_in_executor(self._executor, job)
+        try:
+            result = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The caller gave up (deadline, cancel): a job still queued is skipped.
+            abandoned.set()
+            raise
+        assert result is not None
+        return result
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _static_dims(shape: list[Any], default: tuple[int, ...]) -> tuple[int, ...]:
+    """Non-batch dims of an ONNX input; symbolic ones fall back to the reference sizes."""
+    dims = list(shape[1:])
+    if len(dims) != len(default):
+        return tuple(-1 for _ in default)
+    return tuple(d if isinstance(d, int) and d > 0 else default[i] for i, d in enumerate(dims))
+
+
+def create_session(path: Path, device: Device, onnx: OnnxConfig) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(
+            str(path), sess_options=session_options(onnx), providers=providers_for(device, onnx)
+        )
+    except Exception as exc:  # ORT raises its own exception types for bad files
+        raise InvalidArgument(f"model file {path.name}: ONNX Runtime could not load it ({exc})") from exc
+
+
+class LipSyncModel:
+    """A loaded UNet (and its audio encoder when configured) on one device."""
+
+    def __init__(
+        self,
+        model_id: str,
+        path: Path,
+        device: Device,
+        onnx: OnnxConfig,
+        encoder_path: Path | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.path = path
+        self.encoder_path = encoder_path
+        self.device = device
+        self.session = create_session(path, device, onnx)
+        self.encoder = create_session(encoder_path, device, onnx) if encoder_path else None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if set(inputs) != {VISUAL_INPUT, AUDIO_INPUT}:
+            raise InvalidArgument(
+                f"model file {path.name}: expected inputs 'input' and 'audio', found {sorted(inputs)}"
+            )
+        outputs = self.session.get_outputs()
+        if len(outputs) != 1:
+            raise InvalidArgument(f"model file {path.name}: expected one output, found {len(outputs)}")
+        self.output_name = outputs[0].name
+        self.visual_shape = _static_dims(inputs[VISUAL_INPUT].shape, DEFAULT_VISUAL_SHAPE)
+        self.audio_shape = _static_dims(inputs[AUDIO_INPUT].shape, DEFAULT_AUDIO_SHAPE)
+        self.output_shape = _static_dims(outputs[0].shape, DEFAULT_OUTPUT_SHAPE)
+        for name, dims in (("input", self.visual_shape), ("audio", self.audio_shape), ("output", self.output_shape)):
+            if -1 in dims:
+                raise InvalidArgument(f"model file {path.name}: {name} must be 4-D [batch, C, H, W]")
+        self.providers = self.session.get_providers()
+        self.memory_bytes = path.stat().st_size + (encoder_path.stat().st_size if encoder_path else 0)
+
+    def run(self, visual: np.ndarray, audio: np.ndarray) -> np.ndarray:
+        """One forward pass; inputs already validated float32 C-contiguous."""
+        try:
+            (out,) = self.session.run([self.output_name], {VISUAL_INPUT: visual, AUDIO_INPUT: audio})
+        except Exception as exc:
+            raise Internal(f"model {self.model_id}: inference failed ({exc})") from exc
+        return out
+
+    def warm_up(self) -> None:
+        """One run at load so the first request does not pay for allocation and kernel choice."""
+        visual = np.zeros((1, *self.visual_shape), np.float32)
+        audio = np.zeros((1, *self.audio_shape), np.float32)
+        self.run(visual, audio)
+        if self.encoder is not None:
+            enc_input = self.encoder.get_inputs()[0]
+            dims = [d if isinstance(d, int) and d > 0 else 1 for d in enc_input.shape]
+            self.encoder.run(None, {enc_input.name: np.zeros(dims, np.float32)})

@@ -1,0 +1,179 @@
+"""gRPC glue for the inference service: messages in, InferenceCore, messages out."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+
+from service_common.errors import InvalidArgument
+from service_common.grpc_glue import translate_errors
+from shared_proto import inference_pb2 as pb
+from shared_proto import inference_pb2_grpc as pb_grpc
+
+from .core import InferenceCore
+from .registry import ModelEntry
+from .tensors import frombuffer
+
+_NP_DTYPES = {pb.DTYPE_UNSPECIFIED: np.float32, pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_UINT8: np.uint8}
+_PB_DTYPES = {np.dtype(np.float32): pb.DTYPE_FLOAT32, np.dtype(np.uint8): pb.DTYPE_UINT8}
+
+
+def np_dtype(value: int, field: str) -> type:
+    try:
+        return _NP_DTYPES[value]
+    except KeyError:
+        raise InvalidArgument(f"{field}: expected DTYPE_FLOAT32 or DTYPE_UINT8, got {value}") from None
+
+
+def model_stats(entry: ModelEntry) -> pb.ModelStats:
+    mean = entry.total_inference_ms / entry.usage_count if entry.usage_count else 0.0
+    return pb.ModelStats(
+        usage_count=entry.usage_count,
+        last_used_unix_ms=entry.last_used_unix_ms,
+        total_inference_time_ms=entry.total_inference_ms,
+        memory_bytes=entry.memory_bytes,
+        loaded_unix_ms=entry.loaded_unix_ms,
+        total_frames=entry.total_frames,
+        mean_inference_time_ms=mean,
+        device=entry.model.device.label,
+        load_time_ms=entry.load_time_ms,
+    )
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
+
+    @translate_errors
+    async def InferBatch(
+        self, request: pb.InferBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InferBatchResponse:
+        visual_dtype = np_dtype(request.visual_dtype, "visual_dtype")
+        output_dtype = np_dtype(request.output_dtype, "output_dtype")
+        if not request.visual_frames:
+            raise InvalidArgument("visual_frames: required ([B,6,320,320] float32 or uint8)")
+        visual = frombuffer(request.visual_frames, visual_dtype, "visual_frames")
+        audio = frombuffer(request.audio_features, np.float32, "audio_features")
+        result = await self.core.infer(
+            request.model_id,
+            visual,
+            audio,
+            batch_size=request.batch_size,
+            audio_shape=tuple(request.audio_features_shape),
+            raw_audio=request.raw_audio,
+            output_dtype=output_dtype,
+        )
+        out = result.outputs
+        dtype = _PB_DTYPES[out.dtype]
+        shape = list(out.shape[1:])
+        return pb.InferBatchResponse(
+            outputs=[pb.RawMouthRegion(data=frame.tobytes(), dtype=dtype, shape=shape) for frame in out],
+            inference_time_ms=result.inference_ms,
+            audio_processing_ms=result.audio_ms,
+            queue_time_ms=result.queue_ms,
+            success=True,
+            worker_id=result.worker_id,
+            gpu_id=result.device.gpu_id,
+            device=result.device.label,
+        )
+
+    def _model_info(self, model_id: str) -> pb.ModelInfo:
+        entry = self.core.registry.get(model_id)
+        if entry is not None:
+            return pb.ModelInfo(
+                model_id=model_id,
+                loaded=True,
+                model_path=str(entry.spec.model_path.relative_to(self.core.config.models_root))
+                if entry.spec.model_path.is_relative_to(self.core.config.models_root)
+                else str(entry.spec.model_path),
+                stats=model_stats(entry),
+                gpu_id=entry.model.device.gpu_id,
+                device=entry.model.device.label,
+            )
+        spec = self.core.registry.spec_for(model_id)
+        path = spec.model_path
+        root = self.core.config.models_root
+        return pb.ModelInfo(
+            model_id=model_id,
+            loaded=False,
+            model_path=str(path.relative_to(root)) if path.is_relative_to(root) else str(path),
+            gpu_id=-1,
+        )
+
+    @translate_errors
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[self._model_info(m) for m in self.core.registry.known_ids()])
+
+    @translate_errors
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
+        outcome = await self.core.load(request.model_id, request.force_reload, request.model_path)
+        return pb.LoadModelResponse(
+            success=True,
+            load_time_ms=0.0 if outcome.already_loaded else outcome.load_time_ms,
+            stats=model_stats(outcome.entry),
+            evicted=outcome.evicted,
+        )
+
+    @translate_errors
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadModelResponse:
+        await self.core.unload(request.model_id)
+        return pb.UnloadModelResponse(success=True)
+
+    @translate_errors
+    async def GetModelStats(
+        self, request: pb.GetModelStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelStatsResponse:
+        registry = self.core.registry
+        ids = [request.model_id] if request.model_id else registry.known_ids()
+        entries = registry.entries()
+        return pb.GetModelStatsResponse(
+            models=[self._model_info(m) for m in ids],
+            max_models=self.core.config.max_models,
+            loaded_models=len(entries),
+            total_memory_bytes=sum(e.memory_bytes for e in entries),
+            max_memory_bytes=self.core.config.max_memory_bytes,
+        )
+
+    @translate_errors
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        statuses = self.core.device_status()
+        devices = [
+            pb.DeviceInfo(
+                device=s.device.label,
+                gpu_id=s.device.gpu_id,
+                name=s.device.name,
+                total_memory_bytes=s.device.total_memory_bytes,
+                used_memory_bytes=s.used_memory_bytes,
+                loaded_models=s.loaded_models,
+                execution_provider=s.device.provider,
+                workers=s.device.workers,
+                active_runs=s.active_runs,
+                queued_runs=s.queued_runs,
+            )
+            for s in statuses
+        ]
+        gpus = [
+            pb.GPUInfo(
+                gpu_id=s.device.gpu_id,
+                name=s.device.name,
+                total_memory_bytes=s.device.total_memory_bytes,
+                used_memory_bytes=s.used_memory_bytes,
+                loaded_models=s.loaded_models,
+            )
+            for s in statuses
+            if s.device.kind == "cuda"
+        ]
+        return pb.HealthResponse(
+            healthy=True,
+            cuda_available=self.core.cuda_available,
+            loaded_models=len(self.core.registry.entries()),
+            max_models=self.core.config.max_models,
+            gpu_count=len(gpus),
+            version=self.core.version,
+            gpus=gpus,
+            devices=devices,
+        )

@@ -1,0 +1,1 @@
+"""Pieces both services use: config sources, error types, gRPC glue helpers."""

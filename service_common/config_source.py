@@ -1,0 +1,210 @@
+"""Reading a service's YAML config with environment and command-line overrides.
+
+Both services take the old system's YAML keys. Overrides are applied to the
+raw mapping before validation, so an override is checked exactly like a key
+in the file and a bad value fails at start with the key's dotted name.
+
+Precedence (last wins): file, environment (``LIPSYNC_<KEY>`` with ``__``
+between levels, e.g. ``LIPSYNC_CAPACITY__MAX_MODELS=2``), ``--set key=value``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "LIPSYNC_"
+
+
+class ConfigError(ValueError):
+    """An invalid config; the message starts with the offending key."""
+
+
+def load_yaml(path: Path | str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read ({exc.strerror})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested mapping, creating levels as needed."""
+    parts = [p for p in dotted.split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {dotted!r}: empty key")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_scalar(text: str) -> Any:
+    """YAML scalar parsing so ``2``, ``true`` and ``":50051"`` mean what they do in the file."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or len(key) == len(ENV_PREFIX):
+            continue
+        dotted = ".".join(p.lower() for p in key[len(ENV_PREFIX) :].split("__"))
+        out[dotted] = parse_scalar(value)
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
+    """Apply ``{dotted: value}`` or ``["dotted=value", ...]`` to ``raw`` in place."""
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        items = []
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key=value")
+            key, value = item.split("=", 1)
+            items.append((key.strip(), parse_scalar(value)))
+    for key, value in items:
+        set_path(raw, key, value)
+    return raw
+
+
+class Section:
+    """Typed reads from one mapping of the raw config, naming the full key on error."""
+
+    def __init__(self, data: Any, prefix: str = "") -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{prefix or '<root>'}: expected a mapping, got {type(data).__name__}")
+        self.data = data
+        self.prefix = prefix
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def section(self, name: str) -> Section:
+        return Section(self.data.get(name), self.key(name))
+
+    def has(self, name: str) -> bool:
+        return name in self.data and self.data[name] is not None
+
+    def int(self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+        value = self.data.get(name, default)
+        if value is None:
+            value = default
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+                value = int(value)
+            else:
+                raise ConfigError(f"{self.key(name)}: expected an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{self.key(name)}: expected an integer >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{self.key(name)}: expected an integer <= {maximum}, got {value}")
+        return value
+
+    def float(self, name: str, default: float, *, minimum: float | None = None) -> float:
+        value = self.data.get(name, default)
+        if value is None:
+            value = default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{self.key(name)}: expected a number, got {value!r}") from None
+        value = float(value)
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{self.key(name)}: expected a number >= {minimum}, got {value}")
+        return value
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.data.get(name, default)
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in {"true", "yes", "on", "1", "false", "no", "off", "0"}:
+            return value.strip().lower() in {"true", "yes", "on", "1"}
+        raise ConfigError(f"{self.key(name)}: expected true or false, got {value!r}")
+
+    def str(self, name: str, default: str | None, *, choices: Iterable[str] | None = None) -> str | None:
+        value = self.data.get(name, default)
+        if value is None:
+            return default
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{self.key(name)}: expected a string, got {value!r}")
+        value = str(value)
+        if choices is not None:
+            allowed = list(choices)
+            if value not in allowed:
+                raise ConfigError(f"{self.key(name)}: expected one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    def unknown_keys(self, known: Iterable[str]) -> list[str]:
+        known_set = set(known)
+        return [self.key(k) for k in self.data if k not in known_set]
+
+
+def parse_listen_address(value: Any, key: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """Accept the old ``":50051"`` form, ``"host:port"`` or a bare integer."""
+    if isinstance(value, bool):
+        raise ConfigError(f'{key}: expected a port like ":50051" or 50051, got {value!r}')
+    if isinstance(value, int):
+        host, port = default_host, value
+    elif isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"\d+", text):
+            host, port = default_host, int(text)
+        else:
+            match = re.fullmatch(r"(\[[^\]]*\]|[^:]*):(\d+)", text)
+            if not match:
+                raise ConfigError(f'{key}: expected a port like ":50051" or "host:50051", got {value!r}')
+            host = match.group(1) or default_host
+            port = int(match.group(2))
+    else:
+        raise ConfigError(f'{key}: expected a port like ":50051" or 50051, got {value!r}')
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{key}: expected a port in 0..65535, got {port}")
+    return host, port
+
+
+def resolve_under(root: Path, value: str, key: str) -> Path:
+    """Resolve a configured path; relative paths are taken against ``models_root``."""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = root / path
+    return path.resolve()
+
+
+MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def valid_model_id(model_id: str) -> bool:
+    return bool(MODEL_ID_PATTERN.fullmatch(model_id)) and ".." not in model_id

@@ -1,0 +1,58 @@
+"""gRPC glue both servicers use: error translation and server options."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from .errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
+def translate_errors(
+    method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]:
+    """Turn ServiceError into its status code, and any other failure into INTERNAL.
+
+    The server keeps serving either way: an exception never escapes to gRPC's
+    handler thread as an unhandled error.
+    """
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await method(self, request, context)
+        except ServiceError as exc:
+            if exc.retry_after_ms is not None:
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
+            await context.abort(exc.code, exc.message)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            log.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        raise AssertionError("unreachable")  # abort always raises
+
+    return wrapper
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]

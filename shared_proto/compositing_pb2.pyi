@@ -1,0 +1,163 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class CompositeBatchRequest(_message.Message):
+    __slots__ = ("model_id", "visual_frames", "raw_audio", "audio_features", "batch_size", "start_frame_idx", "sample_rate")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    VISUAL_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    RAW_AUDIO_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    START_FRAME_IDX_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    visual_frames: bytes
+    raw_audio: bytes
+    audio_features: bytes
+    batch_size: int
+    start_frame_idx: int
+    sample_rate: int
+    def __init__(self, model_id: _Optional[str] = ..., visual_frames: _Optional[bytes] = ..., raw_audio: _Optional[bytes] = ..., audio_features: _Optional[bytes] = ..., batch_size: _Optional[int] = ..., start_frame_idx: _Optional[int] = ..., sample_rate: _Optional[int] = ...) -> None: ...
+
+class CompositeBatchResponse(_message.Message):
+    __slots__ = ("composited_frames", "inference_time_ms", "composite_time_ms", "total_time_ms", "audio_processing_ms", "model_loaded", "model_load_time_ms", "success", "error", "gpu_id")
+    COMPOSITED_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPOSITE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_PROCESSING_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_LOADED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_LOAD_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    GPU_ID_FIELD_NUMBER: _ClassVar[int]
+    composited_frames: _containers.RepeatedScalarFieldContainer[bytes]
+    inference_time_ms: float
+    composite_time_ms: float
+    total_time_ms: float
+    audio_processing_ms: float
+    model_loaded: bool
+    model_load_time_ms: float
+    success: bool
+    error: str
+    gpu_id: int
+    def __init__(self, composited_frames: _Optional[_Iterable[bytes]] = ..., inference_time_ms: _Optional[float] = ..., composite_time_ms: _Optional[float] = ..., total_time_ms: _Optional[float] = ..., audio_processing_ms: _Optional[float] = ..., model_loaded: _Optional[bool] = ..., model_load_time_ms: _Optional[float] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., gpu_id: _Optional[int] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model_id", "force_reload")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_RELOAD_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    force_reload: bool
+    def __init__(self, model_id: _Optional[str] = ..., force_reload: _Optional[bool] = ...) -> None: ...
+
+class LoadModelResponse(_message.Message):
+    __slots__ = ("success", "error", "load_time_ms", "stats")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    LOAD_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    error: str
+    load_time_ms: float
+    stats: ModelStats
+    def __init__(self, success: _Optional[bool] = ..., error: _Optional[str] = ..., load_time_ms: _Optional[float] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ("success", "error")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    error: str
+    def __init__(self, success: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class GetModelStatsRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class GetModelStatsResponse(_message.Message):
+    __slots__ = ("models", "max_models", "loaded_models", "total_memory_bytes", "max_memory_bytes")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODELS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    max_models: int
+    loaded_models: int
+    total_memory_bytes: int
+    max_memory_bytes: int
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., max_models: _Optional[int] = ..., loaded_models: _Optional[int] = ..., total_memory_bytes: _Optional[int] = ..., max_memory_bytes: _Optional[int] = ...) -> None: ...
+
+class HealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HealthResponse(_message.Message):
+    __slots__ = ("healthy", "inference_server_healthy", "loaded_models", "max_models", "version", "inference_server_url")
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_SERVER_HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    LOADED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODELS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_SERVER_URL_FIELD_NUMBER: _ClassVar[int]
+    healthy: bool
+    inference_server_healthy: bool
+    loaded_models: int
+    max_models: int
+    version: str
+    inference_server_url: str
+    def __init__(self, healthy: _Optional[bool] = ..., inference_server_healthy: _Optional[bool] = ..., loaded_models: _Optional[int] = ..., max_models: _Optional[int] = ..., version: _Optional[str] = ..., inference_server_url: _Optional[str] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model_id", "loaded", "model_path", "background_dir", "crop_rects_path", "stats")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_DIR_FIELD_NUMBER: _ClassVar[int]
+    CROP_RECTS_PATH_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    loaded: bool
+    model_path: str
+    background_dir: str
+    crop_rects_path: str
+    stats: ModelStats
+    def __init__(self, model_id: _Optional[str] = ..., loaded: _Optional[bool] = ..., model_path: _Optional[str] = ..., background_dir: _Optional[str] = ..., crop_rects_path: _Optional[str] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ...) -> None: ...
+
+class ModelStats(_message.Message):
+    __slots__ = ("usage_count", "last_used_unix_ms", "total_inference_time_ms", "memory_bytes", "loaded_unix_ms")
+    USAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_INFERENCE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOADED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    usage_count: int
+    last_used_unix_ms: int
+    total_inference_time_ms: float
+    memory_bytes: int
+    loaded_unix_ms: int
+    def __init__(self, usage_count: _Optional[int] = ..., last_used_unix_ms: _Optional[int] = ..., total_inference_time_ms: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., loaded_unix_ms: _Optional[int] = ...) -> None: ...
