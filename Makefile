@@ -48,7 +48,7 @@ bench-inference: install
 
 # Set-up and the main job in one command (grows into the full cluster demo).
 demo: models
-	$(PY) -m demo_models.demo_run --models-dir $(MODELS_DIR)
+	$(PY) tools/demo_inference.py --models-dir $(MODELS_DIR)
 
 run: models
 	$(VENV)/bin/lipsync-inference --config $(MODELS_DIR)/inference.yaml

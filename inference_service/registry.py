@@ -52,6 +52,8 @@ class ModelEntry:
     last_used_unix_ms: int = 0
     in_flight: int = 0
     resident: bool = True
+    # Order of last use; wall-clock ms cannot order uses within one millisecond.
+    last_use_seq: int = 0
 
     @property
     def model_id(self) -> str:
@@ -88,6 +90,7 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._round_robin = itertools.count()
+        self._use_seq = itertools.count(1)
         self.evictions = 0
 
     # -- model specs -------------------------------------------------------
@@ -167,7 +170,7 @@ class ModelRegistry:
                 f"model needs {new_bytes} bytes, more than capacity.max_memory_gb allows ({max_memory} bytes)"
             )
         victims: list[ModelEntry] = []
-        idle = sorted((e for e in others if e.in_flight == 0), key=lambda e: (e.usage_count, e.last_used_unix_ms))
+        idle = sorted((e for e in others if e.in_flight == 0), key=lambda e: (e.usage_count, e.last_use_seq))
         for entry in idle:
             if fits():
                 break
@@ -269,6 +272,7 @@ class ModelRegistry:
                 entry.total_frames += frames
                 entry.total_inference_ms += inference_ms
                 entry.last_used_unix_ms = now_ms()
+                entry.last_use_seq = next(self._use_seq)
 
     def entries(self) -> list[ModelEntry]:
         with self._lock:
