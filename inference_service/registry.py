@@ -3,9 +3,8 @@
 Capacity is bounded by count (``capacity.max_models``) and by memory
 (``capacity.max_memory_gb``). When a load needs room, the least frequently
 used model that is not serving a request goes first (ties: least recently
-used). cachetools' LFUCache is not used here: it evicts inside ``__setitem__``
-without knowing which models are busy and bounds one size only; see
-docs/decisions/0003-model-registry-eviction.md.
+used), in the order service_common.lfu gives; see
+docs/decisions/0002-lfu-eviction-without-cachetools.md.
 
 Loads are serialized (one at a time): they are rare, heavy, and racing two
 of them for the same room would need more locking than they are worth. A
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from service_common.config_source import valid_model_id
 from service_common.errors import InvalidArgument, NotFound, ResourceExhausted
+from service_common.lfu import lfu_order
 
 from .config import InferenceConfig, ModelConfig
 from .devices import Device
@@ -170,8 +170,7 @@ class ModelRegistry:
                 f"model needs {new_bytes} bytes, more than capacity.max_memory_gb allows ({max_memory} bytes)"
             )
         victims: list[ModelEntry] = []
-        idle = sorted((e for e in others if e.in_flight == 0), key=lambda e: (e.usage_count, e.last_use_seq))
-        for entry in idle:
+        for entry in lfu_order(others):
             if fits():
                 break
             victims.append(entry)

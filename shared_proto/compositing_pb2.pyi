@@ -1,3 +1,4 @@
+from shared_proto import inference_pb2 as _inference_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -7,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CompositeBatchRequest(_message.Message):
-    __slots__ = ("model_id", "visual_frames", "raw_audio", "audio_features", "batch_size", "start_frame_idx", "sample_rate")
+    __slots__ = ("model_id", "visual_frames", "raw_audio", "audio_features", "batch_size", "start_frame_idx", "sample_rate", "visual_dtype", "audio_features_shape")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VISUAL_FRAMES_FIELD_NUMBER: _ClassVar[int]
     RAW_AUDIO_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +16,8 @@ class CompositeBatchRequest(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     START_FRAME_IDX_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    VISUAL_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FEATURES_SHAPE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     visual_frames: bytes
     raw_audio: bytes
@@ -22,10 +25,12 @@ class CompositeBatchRequest(_message.Message):
     batch_size: int
     start_frame_idx: int
     sample_rate: int
-    def __init__(self, model_id: _Optional[str] = ..., visual_frames: _Optional[bytes] = ..., raw_audio: _Optional[bytes] = ..., audio_features: _Optional[bytes] = ..., batch_size: _Optional[int] = ..., start_frame_idx: _Optional[int] = ..., sample_rate: _Optional[int] = ...) -> None: ...
+    visual_dtype: _inference_pb2.DType
+    audio_features_shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model_id: _Optional[str] = ..., visual_frames: _Optional[bytes] = ..., raw_audio: _Optional[bytes] = ..., audio_features: _Optional[bytes] = ..., batch_size: _Optional[int] = ..., start_frame_idx: _Optional[int] = ..., sample_rate: _Optional[int] = ..., visual_dtype: _Optional[_Union[_inference_pb2.DType, str]] = ..., audio_features_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CompositeBatchResponse(_message.Message):
-    __slots__ = ("composited_frames", "inference_time_ms", "composite_time_ms", "total_time_ms", "audio_processing_ms", "model_loaded", "model_load_time_ms", "success", "error", "gpu_id")
+    __slots__ = ("composited_frames", "inference_time_ms", "composite_time_ms", "total_time_ms", "audio_processing_ms", "model_loaded", "model_load_time_ms", "success", "error", "gpu_id", "frame_indices", "prepare_time_ms", "queue_time_ms", "inference_call_ms", "device", "cache_hits", "cache_misses")
     COMPOSITED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     COMPOSITE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +41,13 @@ class CompositeBatchResponse(_message.Message):
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     GPU_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAME_INDICES_FIELD_NUMBER: _ClassVar[int]
+    PREPARE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_CALL_MS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     composited_frames: _containers.RepeatedScalarFieldContainer[bytes]
     inference_time_ms: float
     composite_time_ms: float
@@ -46,7 +58,14 @@ class CompositeBatchResponse(_message.Message):
     success: bool
     error: str
     gpu_id: int
-    def __init__(self, composited_frames: _Optional[_Iterable[bytes]] = ..., inference_time_ms: _Optional[float] = ..., composite_time_ms: _Optional[float] = ..., total_time_ms: _Optional[float] = ..., audio_processing_ms: _Optional[float] = ..., model_loaded: _Optional[bool] = ..., model_load_time_ms: _Optional[float] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., gpu_id: _Optional[int] = ...) -> None: ...
+    frame_indices: _containers.RepeatedScalarFieldContainer[int]
+    prepare_time_ms: float
+    queue_time_ms: float
+    inference_call_ms: float
+    device: str
+    cache_hits: int
+    cache_misses: int
+    def __init__(self, composited_frames: _Optional[_Iterable[bytes]] = ..., inference_time_ms: _Optional[float] = ..., composite_time_ms: _Optional[float] = ..., total_time_ms: _Optional[float] = ..., audio_processing_ms: _Optional[float] = ..., model_loaded: _Optional[bool] = ..., model_load_time_ms: _Optional[float] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., gpu_id: _Optional[int] = ..., frame_indices: _Optional[_Iterable[int]] = ..., prepare_time_ms: _Optional[float] = ..., queue_time_ms: _Optional[float] = ..., inference_call_ms: _Optional[float] = ..., device: _Optional[str] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -67,16 +86,18 @@ class LoadModelRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., force_reload: _Optional[bool] = ...) -> None: ...
 
 class LoadModelResponse(_message.Message):
-    __slots__ = ("success", "error", "load_time_ms", "stats")
+    __slots__ = ("success", "error", "load_time_ms", "stats", "evicted")
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     LOAD_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
     success: bool
     error: str
     load_time_ms: float
     stats: ModelStats
-    def __init__(self, success: _Optional[bool] = ..., error: _Optional[str] = ..., load_time_ms: _Optional[float] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ...) -> None: ...
+    evicted: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, success: _Optional[bool] = ..., error: _Optional[str] = ..., load_time_ms: _Optional[float] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., evicted: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UnloadModelRequest(_message.Message):
     __slots__ = ("model_id",)
@@ -117,47 +138,75 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("healthy", "inference_server_healthy", "loaded_models", "max_models", "version", "inference_server_url")
+    __slots__ = ("healthy", "inference_server_healthy", "loaded_models", "max_models", "version", "inference_server_url", "inference_mode", "cache_bytes", "cache_max_bytes")
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_SERVER_HEALTHY_FIELD_NUMBER: _ClassVar[int]
     LOADED_MODELS_FIELD_NUMBER: _ClassVar[int]
     MAX_MODELS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_SERVER_URL_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_MODE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     healthy: bool
     inference_server_healthy: bool
     loaded_models: int
     max_models: int
     version: str
     inference_server_url: str
-    def __init__(self, healthy: _Optional[bool] = ..., inference_server_healthy: _Optional[bool] = ..., loaded_models: _Optional[int] = ..., max_models: _Optional[int] = ..., version: _Optional[str] = ..., inference_server_url: _Optional[str] = ...) -> None: ...
+    inference_mode: str
+    cache_bytes: int
+    cache_max_bytes: int
+    def __init__(self, healthy: _Optional[bool] = ..., inference_server_healthy: _Optional[bool] = ..., loaded_models: _Optional[int] = ..., max_models: _Optional[int] = ..., version: _Optional[str] = ..., inference_server_url: _Optional[str] = ..., inference_mode: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., cache_max_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "loaded", "model_path", "background_dir", "crop_rects_path", "stats")
+    __slots__ = ("model_id", "loaded", "model_path", "background_dir", "crop_rects_path", "stats", "num_frames", "frame_width", "frame_height")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     BACKGROUND_DIR_FIELD_NUMBER: _ClassVar[int]
     CROP_RECTS_PATH_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FRAME_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    FRAME_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     loaded: bool
     model_path: str
     background_dir: str
     crop_rects_path: str
     stats: ModelStats
-    def __init__(self, model_id: _Optional[str] = ..., loaded: _Optional[bool] = ..., model_path: _Optional[str] = ..., background_dir: _Optional[str] = ..., crop_rects_path: _Optional[str] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ...) -> None: ...
+    num_frames: int
+    frame_width: int
+    frame_height: int
+    def __init__(self, model_id: _Optional[str] = ..., loaded: _Optional[bool] = ..., model_path: _Optional[str] = ..., background_dir: _Optional[str] = ..., crop_rects_path: _Optional[str] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., num_frames: _Optional[int] = ..., frame_width: _Optional[int] = ..., frame_height: _Optional[int] = ...) -> None: ...
 
 class ModelStats(_message.Message):
-    __slots__ = ("usage_count", "last_used_unix_ms", "total_inference_time_ms", "memory_bytes", "loaded_unix_ms")
+    __slots__ = ("usage_count", "last_used_unix_ms", "total_inference_time_ms", "memory_bytes", "loaded_unix_ms", "total_frames", "mean_inference_time_ms", "cache_hits", "cache_misses", "cached_frames", "cache_bytes", "cache_evictions", "load_time_ms")
     USAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_INFERENCE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOADED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MEAN_INFERENCE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     usage_count: int
     last_used_unix_ms: int
     total_inference_time_ms: float
     memory_bytes: int
     loaded_unix_ms: int
-    def __init__(self, usage_count: _Optional[int] = ..., last_used_unix_ms: _Optional[int] = ..., total_inference_time_ms: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., loaded_unix_ms: _Optional[int] = ...) -> None: ...
+    total_frames: int
+    mean_inference_time_ms: float
+    cache_hits: int
+    cache_misses: int
+    cached_frames: int
+    cache_bytes: int
+    cache_evictions: int
+    load_time_ms: float
+    def __init__(self, usage_count: _Optional[int] = ..., last_used_unix_ms: _Optional[int] = ..., total_inference_time_ms: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., loaded_unix_ms: _Optional[int] = ..., total_frames: _Optional[int] = ..., mean_inference_time_ms: _Optional[float] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cached_frames: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_evictions: _Optional[int] = ..., load_time_ms: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,200 @@
+"""Avatars (background frames + crop rectangles) known to this replica, with LFU eviction.
+
+Everything here is rebuilt from disk by any replica, which is what lets the
+compositing service scale out: no request depends on another's state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from service_common.config_source import valid_model_id
+from service_common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from service_common.lfu import lfu_order
+
+from .cache import BackgroundCache
+from .config import AvatarConfig, CompositingConfig
+from .frames import AvatarError, FrameSource, check_rects, load_rects, open_source
+
+log = logging.getLogger(__name__)
+
+
+class Avatar:
+    """One avatar's frames and rectangles, validated at load."""
+
+    def __init__(self, spec: AvatarConfig, source: FrameSource, rects: np.ndarray) -> None:
+        self.spec = spec
+        self.source = source
+        available = min(source.count, len(rects))
+        if spec.num_frames:
+            if spec.num_frames > available:
+                raise AvatarError(
+                    f"num_frames: {spec.num_frames} configured but the avatar has {source.count} frames and "
+                    f"{len(rects)} rects"
+                )
+            self.num_frames = spec.num_frames
+        else:
+            if source.count != len(rects):
+                raise AvatarError(
+                    f"crop_rects_path: {len(rects)} rects for {source.count} background frames; expected one per frame"
+                )
+            self.num_frames = source.count
+        self.rects = rects[: self.num_frames]
+        check_rects(self.rects, source.shape, spec.crop_rects_path)
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.model_id
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        return self.source.shape
+
+    def rect(self, index: int) -> tuple[int, int, int, int]:
+        x1, y1, x2, y2 = (int(v) for v in self.rects[index])
+        return x1, y1, x2, y2
+
+    def read_frame(self, index: int) -> np.ndarray:
+        frame = self.source.read(index)
+        if frame.shape[:2] != self.frame_shape or frame.ndim != 3 or frame.shape[2] != 3:
+            raise AvatarError(f"background frame {index} of {self.model_id} has shape {list(frame.shape)}")
+        return frame
+
+
+@dataclass
+class AvatarEntry:
+    avatar: Avatar
+    loaded_unix_ms: int
+    load_time_ms: float
+    usage_count: int = 0
+    total_frames: int = 0
+    total_inference_ms: float = 0.0
+    last_used_unix_ms: int = 0
+    last_use_seq: int = 0
+    in_flight: int = 0
+
+
+def open_avatar(spec: AvatarConfig, config: CompositingConfig) -> Avatar:
+    try:
+        rects = load_rects(spec.crop_rects_path)
+        source = open_source(spec.background, config.frames_cache_dir)
+        return Avatar(spec, source, rects)
+    except AvatarError as exc:
+        raise FailedPrecondition(f"model {spec.model_id}: broken avatar: {exc}") from exc
+
+
+class AvatarRegistry:
+    def __init__(self, config: CompositingConfig, cache: BackgroundCache) -> None:
+        self.config = config
+        self.cache = cache
+        self._entries: dict[str, AvatarEntry] = {}
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self._use_seq = itertools.count(1)
+        self.evictions = 0
+
+    def spec(self, model_id: str) -> AvatarConfig:
+        if not valid_model_id(model_id):
+            raise InvalidArgument(
+                "model_id: expected 1-128 letters, digits, '.', '_' or '-' starting with a letter or digit"
+            )
+        try:
+            return self.config.models[model_id]
+        except KeyError:
+            raise NotFound(f"model_id: unknown model {model_id!r} (configured: {sorted(self.config.models)})") from None
+
+    def get(self, model_id: str) -> AvatarEntry | None:
+        with self._lock:
+            return self._entries.get(model_id)
+
+    def entries(self) -> list[AvatarEntry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def load(self, model_id: str, force_reload: bool = False) -> tuple[AvatarEntry, bool]:
+        """The avatar's entry and whether this call loaded it (blocking: reads files)."""
+        spec = self.spec(model_id)
+        with self._load_lock:
+            current = self.get(model_id)
+            if current is not None and not force_reload:
+                return current, False
+            started = time.perf_counter()
+            avatar = open_avatar(spec, self.config)
+            if spec.preload_backgrounds:
+                for index in range(avatar.num_frames)[: self.config.background_cache_frames]:
+                    self.cache.get(model_id, index, avatar.read_frame)
+            load_ms = (time.perf_counter() - started) * 1000.0
+            with self._lock:
+                others = [e for mid, e in self._entries.items() if mid != model_id]
+                excess = len(others) + 1 - self.config.max_models
+                victims = lfu_order(others)[: max(excess, 0)]
+                if len(victims) < excess:
+                    raise ResourceExhausted(
+                        f"no room for another avatar: {len(others)} loaded (capacity.max_models="
+                        f"{self.config.max_models}) and the others are serving requests; retry later",
+                        retry_after_ms=500,
+                    )
+                for victim in victims:
+                    del self._entries[victim.avatar.model_id]
+                    self.evictions += 1
+                if current is not None:
+                    del self._entries[model_id]
+                entry = AvatarEntry(avatar, int(time.time() * 1000), load_ms)
+                self._entries[model_id] = entry
+            for victim in victims:
+                self.cache.drop(victim.avatar.model_id)
+                log.info("evicted avatar %s", victim.avatar.model_id)
+            if current is not None:
+                self.cache.drop(model_id)
+            log.info(
+                "loaded avatar %s: %d frames %dx%d in %.0f ms",
+                model_id,
+                avatar.num_frames,
+                avatar.frame_shape[1],
+                avatar.frame_shape[0],
+                load_ms,
+            )
+            return entry, True
+
+    def unload(self, model_id: str) -> None:
+        self.spec(model_id)
+        with self._load_lock:
+            with self._lock:
+                entry = self._entries.pop(model_id, None)
+            if entry is None:
+                raise NotFound(f"model_id: avatar {model_id!r} is not loaded")
+            self.cache.drop(model_id)
+
+    def checkout(self, model_id: str) -> AvatarEntry:
+        """The entry for a request, loading the avatar first if needed (blocking)."""
+        for _ in range(3):
+            entry = self.try_checkout(model_id)
+            if entry is not None:
+                return entry
+            self.load(model_id)
+        raise ResourceExhausted(
+            f"model_id: avatar {model_id!r} was evicted while loading; retry later", retry_after_ms=200
+        )
+
+    def try_checkout(self, model_id: str) -> AvatarEntry | None:
+        with self._lock:
+            entry = self._entries.get(model_id)
+            if entry is not None:
+                entry.in_flight += 1
+            return entry
+
+    def release(self, entry: AvatarEntry, frames: int = 0, inference_ms: float = 0.0) -> None:
+        with self._lock:
+            entry.in_flight -= 1
+            if frames:
+                entry.usage_count += 1
+                entry.total_frames += frames
+                entry.total_inference_ms += inference_ms
+                entry.last_used_unix_ms = int(time.time() * 1000)
+                entry.last_use_seq = next(self._use_seq)

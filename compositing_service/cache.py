@@ -1,0 +1,132 @@
+"""The LRU cache of background frames, bounded in bytes overall and in frames per avatar.
+
+One cachetools.LRUCache sized in bytes holds every avatar's frames; a
+per-avatar recency list enforces ``capacity.background_cache_frames``. A miss
+is loaded once however many requests want the frame at the same time: the
+first loads it, the others wait for its result.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import cachetools
+import numpy as np
+
+Key = tuple[str, int]
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+    frames: int = 0
+    bytes: int = 0
+
+
+class _BytesLRU(cachetools.LRUCache):
+    """An LRUCache that tells its owner what it evicts to make room."""
+
+    def __init__(self, maxsize: int, on_evict: Callable[[Key, np.ndarray], None]) -> None:
+        super().__init__(maxsize=maxsize, getsizeof=lambda frame: frame.nbytes)
+        self._on_evict = on_evict
+
+    def popitem(self) -> tuple[Key, np.ndarray]:
+        key, value = super().popitem()
+        self._on_evict(key, value)
+        return key, value
+
+
+class BackgroundCache:
+    def __init__(self, max_bytes: int, max_frames_per_model: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_frames_per_model = max_frames_per_model
+        self._lock = threading.Lock()
+        self._frames = _BytesLRU(max_bytes, self._evicted)
+        self._recency: dict[str, OrderedDict[int, None]] = {}
+        self._loading: dict[Key, Future] = {}
+        self._stats: dict[str, CacheStats] = {}
+
+    def _evicted(self, key: Key, frame: np.ndarray) -> None:
+        model_id, index = key
+        self._recency[model_id].pop(index, None)
+        stats = self._stats[model_id]
+        stats.evictions += 1
+        stats.frames -= 1
+        stats.bytes -= frame.nbytes
+
+    def stats(self, model_id: str) -> CacheStats:
+        with self._lock:
+            return CacheStats(**vars(self._stats.get(model_id, CacheStats())))
+
+    @property
+    def total_bytes(self) -> int:
+        with self._lock:
+            return int(self._frames.currsize)
+
+    def get(self, model_id: str, index: int, load: Callable[[int], np.ndarray]) -> np.ndarray:
+        return self.fetch(model_id, index, load)[0]
+
+    def fetch(self, model_id: str, index: int, load: Callable[[int], np.ndarray]) -> tuple[np.ndarray, bool]:
+        """Frame ``index`` of ``model_id`` and whether it was a hit; ``load(index)`` runs once per miss (blocking)."""
+        key = (model_id, index)
+        with self._lock:
+            stats = self._stats.setdefault(model_id, CacheStats())
+            frame = self._frames.get(key)
+            if frame is not None:
+                stats.hits += 1
+                self._recency[model_id].move_to_end(index)
+                return frame, True
+            stats.misses += 1
+            pending = self._loading.get(key)
+            owner = pending is None
+            if owner:
+                pending = self._loading[key] = Future()
+        if not owner:
+            return pending.result(), False
+        try:
+            frame = load(index)
+            frame.flags.writeable = False  # shared by every request: nobody may draw on it
+        except BaseException as exc:
+            with self._lock:
+                del self._loading[key]
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            del self._loading[key]
+            self._insert(model_id, index, frame)
+        pending.set_result(frame)
+        return frame, False
+
+    def _insert(self, model_id: str, index: int, frame: np.ndarray) -> None:
+        stats = self._stats.setdefault(model_id, CacheStats())
+        recency = self._recency.setdefault(model_id, OrderedDict())
+        if frame.nbytes > self.max_bytes:
+            return  # larger than the whole cache: served, not kept
+        if len(recency) >= self.max_frames_per_model:
+            oldest = next(iter(recency))
+            self._evicted((model_id, oldest), self._frames.pop((model_id, oldest)))
+        self._frames[(model_id, index)] = frame
+        recency[index] = None
+        stats.loads += 1
+        stats.frames += 1
+        stats.bytes += frame.nbytes
+
+    def drop(self, model_id: str) -> None:
+        """Forget every frame of an avatar (it was unloaded or evicted)."""
+        with self._lock:
+            for index in list(self._recency.get(model_id, ())):
+                frame = self._frames.pop((model_id, index))
+                self._evicted((model_id, index), frame)
+            self._recency.pop(model_id, None)
+            self._stats.pop(model_id, None)
+
+    def cached_indices(self, model_id: str) -> list[int]:
+        with self._lock:
+            return list(self._recency.get(model_id, ()))

@@ -1,0 +1,213 @@
+"""Compositing service configuration: the old system's YAML keys plus our additions.
+
+Validated at start; an invalid value raises ConfigError naming its dotted key.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service_common.config_source import (
+    ConfigError,
+    Section,
+    apply_overrides,
+    env_overrides,
+    load_yaml,
+    parse_listen_address,
+    resolve_under,
+    valid_model_id,
+)
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+FRAME_ORDERS = ("ping_pong", "loop")
+
+
+@dataclass(frozen=True)
+class AvatarConfig:
+    model_id: str
+    model_path: str  # as configured; the inference service resolves it
+    inference_model: str  # the inference service's model id (default: the avatar's id)
+    background: Path  # a folder of images or a video file
+    crop_rects_path: Path
+    num_frames: int = 0  # 0 = as many as there are
+    preload_backgrounds: bool = False
+
+
+@dataclass(frozen=True)
+class CompositingConfig:
+    models_root: Path
+    host: str = "0.0.0.0"
+    port: int = 50052
+    max_message_size_mb: int = 64
+    max_batch_size: int = 64
+    inference_targets: tuple[str, ...] = ("127.0.0.1:50051",)
+    inference_timeout_s: float = 30.0
+    inference_max_retries: int = 3
+    inference_retry_backoff_s: float = 0.1
+    inference_mode: str = "remote"
+    inference_config: Path | None = None
+    warmup: bool = True
+    max_models: int = 8
+    background_cache_frames: int = 600
+    background_cache_bytes: int = 2048 * MIB
+    frames_cache_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "lipsync-frames")
+    output_format: str = "jpeg"
+    jpeg_quality: int = 75
+    frame_order: str = "ping_pong"
+    composite_threads: int = 0  # 0 = one per core
+    models: Mapping[str, AvatarConfig] = field(default_factory=dict)
+    log_inference_times: bool = False
+    log_compositing_times: bool = False
+    log_level: str = "INFO"
+    grace_seconds: float = 10.0
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_size_mb * MIB
+
+    @property
+    def inference_url(self) -> str:
+        return ",".join(self.inference_targets)
+
+
+def load_config(
+    path: Path | str | None,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+    environ: Mapping[str, str] | None = None,
+) -> CompositingConfig:
+    raw = load_yaml(path)
+    apply_overrides(raw, env_overrides(environ))
+    apply_overrides(raw, overrides)
+    base = Path(path).resolve().parent if path else Path.cwd()
+    return parse_config(raw, base)
+
+
+def parse_targets(value: Any, key: str) -> tuple[str, ...]:
+    """``host:port``, ``"a:1,b:2"``, a list of those, or one ``dns:///name:port`` target."""
+    items = value if isinstance(value, list) else str(value).split(",") if value is not None else []
+    targets = tuple(str(t).strip() for t in items if str(t).strip())
+    if not targets:
+        raise ConfigError(f"{key}: expected host:port, a list of them, or dns:///name:port")
+    for target in targets:
+        if target.startswith("dns:"):
+            if len(targets) > 1:
+                raise ConfigError(f"{key}: a dns: target balances by itself; give it alone")
+            continue
+        host, _, port = target.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{key}: expected host:port, got {target!r}")
+    return targets
+
+
+def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> CompositingConfig:
+    root = Section(raw)
+    for key in root.unknown_keys(
+        [
+            "models_root",
+            "server",
+            "inference_server",
+            "inference",
+            "capacity",
+            "output",
+            "models",
+            "logging",
+            "warmup",
+            "frames_cache_dir",
+        ]
+    ):
+        log.warning("config: unknown key %s ignored", key)
+    root_value = root.str("models_root", None)
+    if not root_value:
+        raise ConfigError("models_root: required (the folder that holds the avatars)")
+    base = base_dir or Path.cwd()
+    models_root = Path(root_value).expanduser()
+    models_root = (models_root if models_root.is_absolute() else base / models_root).resolve()
+    if not models_root.is_dir():
+        raise ConfigError(f"models_root: {models_root} is not a directory")
+
+    server = root.section("server")
+    host, port = parse_listen_address(server.data.get("port", ":50052"), server.key("port"))
+    if server.has("host"):
+        host = server.str("host", host) or host
+
+    remote = root.section("inference_server")
+    targets = parse_targets(
+        remote.data.get("urls", remote.data.get("url", "127.0.0.1:50051")),
+        remote.key("urls" if remote.has("urls") else "url"),
+    )
+    inference = root.section("inference")
+    mode = inference.str("mode", "remote", choices=["remote", "in_process"]) or "remote"
+    inference_config = None
+    if inference.has("config"):
+        inference_config = Path(inference.str("config", "") or "").expanduser()
+        if not inference_config.is_absolute():
+            inference_config = (models_root / inference_config).resolve()
+    if mode == "in_process" and (inference_config is None or not inference_config.is_file()):
+        raise ConfigError(
+            f"inference.config: in_process mode needs the inference service's config file, got {inference_config}"
+        )
+
+    capacity = root.section("capacity")
+    capacity.str("eviction_policy", "lfu", choices=["lfu"])
+    output = root.section("output")
+
+    models: dict[str, AvatarConfig] = {}
+    section = root.section("models")
+    for model_id, spec in section.data.items():
+        model_id = str(model_id)
+        key = section.key(model_id)
+        if not valid_model_id(model_id):
+            raise ConfigError(f"{key}: invalid model id (expected letters, digits, '.', '_' or '-')")
+        avatar = Section(spec, key)
+        background = avatar.str("background_dir", None)
+        rects = avatar.str("crop_rects_path", None)
+        if not background:
+            raise ConfigError(f"{key}.background_dir: required (a folder of frames or a video file)")
+        if not rects:
+            raise ConfigError(f"{key}.crop_rects_path: required (JSON, one [x1, y1, x2, y2] per frame)")
+        models[model_id] = AvatarConfig(
+            model_id=model_id,
+            model_path=avatar.str("model_path", "") or "",
+            inference_model=avatar.str("inference_model", model_id) or model_id,
+            background=resolve_under(models_root, background, avatar.key("background_dir")),
+            crop_rects_path=resolve_under(models_root, rects, avatar.key("crop_rects_path")),
+            num_frames=avatar.int("num_frames", 0, minimum=0),
+            preload_backgrounds=avatar.bool("preload_backgrounds", False),
+        )
+
+    logging_section = root.section("logging")
+    cache_dir = root.str("frames_cache_dir", None)
+    return CompositingConfig(
+        models_root=models_root,
+        host=host,
+        port=port,
+        max_message_size_mb=server.int("max_message_size_mb", 64, minimum=1, maximum=2047),
+        max_batch_size=server.int("max_batch_size", 64, minimum=1, maximum=4096),
+        grace_seconds=server.float("grace_seconds", 10.0, minimum=0.0),
+        composite_threads=server.int("composite_threads", 0, minimum=0, maximum=256),
+        inference_targets=targets,
+        inference_timeout_s=remote.float("timeout_seconds", 30.0, minimum=0.001),
+        inference_max_retries=remote.int("max_retries", 3, minimum=0, maximum=20),
+        inference_retry_backoff_s=remote.float("retry_backoff_seconds", 0.1, minimum=0.0),
+        inference_mode=mode,
+        inference_config=inference_config,
+        warmup=root.bool("warmup", True),
+        max_models=capacity.int("max_models", 8, minimum=1),
+        background_cache_frames=capacity.int("background_cache_frames", 600, minimum=1),
+        background_cache_bytes=int(capacity.float("background_cache_mb", 2048, minimum=1) * MIB),
+        frames_cache_dir=Path(cache_dir).expanduser() if cache_dir else Path(tempfile.gettempdir()) / "lipsync-frames",
+        output_format=output.str("format", "jpeg", choices=["jpeg", "png"]) or "jpeg",
+        jpeg_quality=output.int("jpeg_quality", 75, minimum=1, maximum=100),
+        frame_order=output.str("frame_order", "ping_pong", choices=FRAME_ORDERS) or "ping_pong",
+        models=models,
+        log_inference_times=logging_section.bool("log_inference_times", False),
+        log_compositing_times=logging_section.bool("log_compositing_times", False),
+        log_level=logging_section.str("level", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]) or "INFO",
+    )

@@ -1,0 +1,197 @@
+"""The work behind every compositing RPC, as a plain class the servicer and tests call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from inference_service.tensors import audio_windows, batch_of
+from service_common.errors import InvalidArgument, Unimplemented
+
+from . import __version__
+from .avatars import Avatar, AvatarEntry, AvatarRegistry
+from .cache import BackgroundCache
+from .compositor import Compositor
+from .config import CompositingConfig
+from .geometry import frame_index
+from .inference_client import InferenceBackend, make_backend
+
+log = logging.getLogger(__name__)
+
+VISUAL_SHAPE = (6, 320, 320)
+AUDIO_SHAPE = (32, 16, 16)
+
+
+@dataclass
+class CompositeResult:
+    frames: list[bytes]
+    frame_indices: list[int]
+    inference_ms: float
+    inference_call_ms: float
+    queue_ms: float
+    audio_ms: float
+    prepare_ms: float
+    composite_ms: float
+    encode_ms: float
+    total_ms: float
+    gpu_id: int
+    device: str
+    model_loaded: bool
+    model_load_ms: float
+    cache_hits: int
+    cache_misses: int
+
+
+class CompositingCore:
+    def __init__(self, config: CompositingConfig, backend: InferenceBackend | None = None) -> None:
+        self.config = config
+        self.cache = BackgroundCache(config.background_cache_bytes, config.background_cache_frames)
+        self.avatars = AvatarRegistry(config, self.cache)
+        self.backend = backend or make_backend(config)
+        self.compositor = Compositor(config.composite_threads, config.output_format, config.jpeg_quality)
+        self.version = __version__
+
+    async def start(self) -> None:
+        """Open the inference channels, preload avatars, and warm the path up (failures only logged)."""
+        await self.backend.start()
+        for model_id, spec in self.config.models.items():
+            if spec.preload_backgrounds:
+                await asyncio.to_thread(self.avatars.load, model_id)
+        if self.config.warmup:
+            await self.warm_up()
+
+    async def warm_up(self) -> None:
+        """One single-frame batch per preloaded avatar, so the first client does not pay for connecting."""
+        for entry in self.avatars.entries():
+            try:
+                await self.composite_batch(
+                    entry.avatar.model_id,
+                    np.zeros(AUDIO_SHAPE, np.float32),
+                    batch_size=1,
+                    deadline=time.monotonic() + self.config.inference_timeout_s,
+                )
+            except Exception as exc:  # the service starts anyway and reports unhealthy inference
+                log.warning("warm-up of %s failed: %s", entry.avatar.model_id, exc)
+
+    async def close(self) -> None:
+        await self.backend.close()
+        self.compositor.close()
+
+    async def _checkout(self, model_id: str) -> tuple[AvatarEntry, float | None]:
+        entry = self.avatars.try_checkout(model_id)
+        if entry is not None:
+            return entry, None
+        started = time.perf_counter()
+        entry = await asyncio.to_thread(self.avatars.checkout, model_id)
+        return entry, (time.perf_counter() - started) * 1000.0
+
+    async def composite_batch(
+        self,
+        model_id: str,
+        audio_features: np.ndarray | None,
+        *,
+        batch_size: int,
+        start_frame_idx: int = 0,
+        audio_shape: tuple[int, ...] | list[int] = (),
+        visual_frames: np.ndarray | None = None,
+        raw_audio: bytes = b"",
+        deadline: float | None = None,
+    ) -> CompositeResult:
+        started = time.perf_counter()
+        if start_frame_idx < 0:
+            raise InvalidArgument(f"start_frame_idx: expected >= 0, got {start_frame_idx}")
+        if visual_frames is not None and visual_frames.size and batch_size == 0:
+            batch_size = visual_frames.size // int(np.prod(VISUAL_SHAPE))
+        if not 1 <= batch_size <= self.config.max_batch_size:
+            raise InvalidArgument(
+                f"batch_size: expected 1..{self.config.max_batch_size} (server.max_batch_size), got {batch_size}"
+            )
+        if audio_features is None or audio_features.size == 0:
+            if raw_audio:
+                raise Unimplemented("raw_audio: not supported yet; send audio_features (float32 [B,32,16,16])")
+            raise InvalidArgument("audio_features: required (float32 [32,16,16] or [B,32,16,16])")
+        audio = audio_windows(audio_features.reshape(-1), AUDIO_SHAPE, batch_size, audio_shape)
+        audio = audio if audio.strides[0] else audio[:1].reshape(AUDIO_SHAPE)  # one window stays one on the wire
+        client_visual = None
+        if visual_frames is not None and visual_frames.size:
+            client_visual = batch_of(visual_frames.reshape(-1), VISUAL_SHAPE, batch_size, "visual_frames")
+
+        entry, load_ms = await self._checkout(model_id)
+        frames = 0
+        inference_ms = 0.0
+        try:
+            avatar = entry.avatar
+            indices = [
+                frame_index(start_frame_idx + i, avatar.num_frames, self.config.frame_order) for i in range(batch_size)
+            ]
+            jobs = [(self._fetcher(model_id, avatar, idx), avatar.rect(idx)) for idx in indices]
+            prepared = await self.compositor.prepare(jobs, build_visual=client_visual is None)
+            hits = sum(p.cache_hit for p in prepared)
+            visual = client_visual if client_visual is not None else np.stack([p.visual for p in prepared])
+            prepare_ms = (time.perf_counter() - started) * 1000.0
+            call_started = time.perf_counter()
+            mouths = await self.backend.infer(avatar.spec.inference_model, visual, audio, deadline)
+            call_ms = (time.perf_counter() - call_started) * 1000.0
+            inference_ms = mouths.inference_ms
+            composite_started = time.perf_counter()
+            jpegs, encode_ms = await self.compositor.composite(prepared, mouths.mouths)
+            composite_ms = (time.perf_counter() - composite_started) * 1000.0
+            frames = batch_size
+        finally:
+            self.avatars.release(entry, frames, inference_ms)
+        total_ms = (time.perf_counter() - started) * 1000.0
+        if self.config.log_inference_times or self.config.log_compositing_times:
+            log.info(
+                "%s: %d frames from %d: prepare %.1f ms, inference %.1f ms (call %.1f), composite %.1f ms, "
+                "total %.1f ms",
+                model_id,
+                batch_size,
+                start_frame_idx,
+                prepare_ms,
+                inference_ms,
+                call_ms,
+                composite_ms,
+                total_ms,
+            )
+        return CompositeResult(
+            frames=jpegs,
+            frame_indices=indices,
+            inference_ms=inference_ms,
+            inference_call_ms=call_ms,
+            queue_ms=mouths.queue_ms,
+            audio_ms=mouths.audio_ms,
+            prepare_ms=prepare_ms,
+            composite_ms=composite_ms,
+            encode_ms=encode_ms,
+            total_ms=total_ms,
+            gpu_id=mouths.gpu_id,
+            device=mouths.device,
+            model_loaded=load_ms is not None,
+            model_load_ms=load_ms or 0.0,
+            cache_hits=hits,
+            cache_misses=batch_size - hits,
+        )
+
+    def _fetcher(self, model_id: str, avatar: Avatar, index: int) -> Callable[[], tuple[np.ndarray, bool]]:
+        return lambda: self.cache.fetch(model_id, index, avatar.read_frame)
+
+    # -- management --------------------------------------------------------
+
+    async def load(self, model_id: str, force_reload: bool = False) -> tuple[AvatarEntry, bool, float]:
+        started = time.perf_counter()
+        entry, loaded = await asyncio.to_thread(self.avatars.load, model_id, force_reload)
+        await self.backend.load_model(entry.avatar.spec.inference_model, force_reload)
+        return entry, loaded, (time.perf_counter() - started) * 1000.0
+
+    async def unload(self, model_id: str) -> None:
+        """Drop the avatar here and its model on the inference side, unless another avatar uses it."""
+        spec = self.avatars.spec(model_id)
+        await asyncio.to_thread(self.avatars.unload, model_id)
+        in_use = {e.avatar.spec.inference_model for e in self.avatars.entries()}
+        if spec.inference_model not in in_use:
+            await self.backend.unload_model(spec.inference_model)

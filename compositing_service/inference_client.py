@@ -1,0 +1,273 @@
+"""How the compositing service reaches inference: over gRPC, or in the same process.
+
+Both backends return the generated mouths as uint8 [B, 3, 320, 320] already
+truncated by the inference side (the reference's ``(x * 255).astype(uint8)``),
+so remote and in-process modes give identical frames.
+
+The remote backend keeps one long-lived channel per target with keepalive,
+puts a deadline on every call (the smaller of ``timeout_seconds`` and what is
+left of the client's own deadline), and retries UNAVAILABLE with exponential
+backoff on the next target, up to ``max_retries``. A single ``dns:///`` target
+balances by itself with the round_robin policy over every address it resolves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+import numpy as np
+
+from service_common import errors
+from shared_proto import inference_pb2 as pb
+from shared_proto import inference_pb2_grpc as pb_grpc
+
+from .config import CompositingConfig
+
+log = logging.getLogger(__name__)
+
+MOUTH_SHAPE = (3, 320, 320)
+_CODES = {
+    cls.code: cls
+    for cls in (
+        errors.InvalidArgument,
+        errors.NotFound,
+        errors.ResourceExhausted,
+        errors.FailedPrecondition,
+        errors.Unimplemented,
+        errors.DeadlineExceeded,
+        errors.Unavailable,
+    )
+}
+
+
+@dataclass
+class MouthBatch:
+    mouths: np.ndarray  # uint8 [B, 3, 320, 320]
+    inference_ms: float
+    audio_ms: float
+    queue_ms: float
+    gpu_id: int
+    device: str
+
+
+class InferenceBackend(Protocol):
+    description: str
+
+    async def start(self) -> None: ...
+    async def infer(
+        self, model_id: str, visual: np.ndarray, audio: np.ndarray, deadline: float | None
+    ) -> MouthBatch: ...
+    async def healthy(self) -> bool: ...
+    async def load_model(self, model_id: str, force_reload: bool) -> None: ...
+    async def unload_model(self, model_id: str) -> None: ...
+    async def close(self) -> None: ...
+
+
+def channel_options(config: CompositingConfig, target: str) -> list[tuple[str, object]]:
+    options: list[tuple[str, object]] = [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+        ("grpc.enable_retries", 0),  # retries are ours, with the request's deadline in mind
+    ]
+    if target.startswith("dns:"):
+        options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})))
+    return options
+
+
+def to_service_error(exc: grpc.aio.AioRpcError, target: str) -> errors.ServiceError:
+    cls = _CODES.get(exc.code(), errors.Internal)
+    return cls(f"inference service ({target}): {exc.details() or exc.code().name}")
+
+
+class RemoteInference:
+    def __init__(self, config: CompositingConfig) -> None:
+        self.config = config
+        self.targets = list(config.inference_targets)
+        self.description = config.inference_url
+        self._channels: list[grpc.aio.Channel] = []
+        self._stubs: list[pb_grpc.InferenceServiceStub] = []
+        self._next = itertools.count()
+
+    async def start(self) -> None:
+        for target in self.targets:
+            channel = grpc.aio.insecure_channel(target, options=channel_options(self.config, target))
+            self._channels.append(channel)
+            self._stubs.append(pb_grpc.InferenceServiceStub(channel))
+
+    def _timeout(self, deadline: float | None) -> float:
+        timeout = self.config.inference_timeout_s
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise errors.DeadlineExceeded("deadline exceeded before the inference call")
+            timeout = min(timeout, left)
+        return timeout
+
+    async def _call(self, method: str, request: object, deadline: float | None) -> object:
+        """One RPC with per-attempt deadlines and retries of UNAVAILABLE on the next target."""
+        attempts = self.config.inference_max_retries + 1
+        last: grpc.aio.AioRpcError | None = None
+        for attempt in range(attempts):
+            index = next(self._next) % len(self._stubs)
+            target = self.targets[index]
+            try:
+                return await getattr(self._stubs[index], method)(request, timeout=self._timeout(deadline))
+            except grpc.aio.AioRpcError as exc:
+                last = exc
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise errors.DeadlineExceeded(
+                        f"inference service ({target}): no answer within the deadline"
+                    ) from None
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise to_service_error(exc, target) from None
+                if attempt + 1 < attempts:
+                    delay = min(self.config.inference_retry_backoff_s * (2**attempt), 2.0)
+                    if deadline is not None:
+                        delay = min(delay, max(deadline - time.monotonic() - 0.001, 0.0))
+                    log.warning(
+                        "inference %s unavailable (%s); retry %d/%d in %.2f s",
+                        target,
+                        exc.details(),
+                        attempt + 1,
+                        attempts - 1,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+        assert last is not None
+        raise errors.Unavailable(
+            f"inference service unreachable at {self.description} after {attempts} attempts: {last.details()}",
+            retry_after_ms=1000,
+        )
+
+    async def infer(self, model_id: str, visual: np.ndarray, audio: np.ndarray, deadline: float | None) -> MouthBatch:
+        batch = visual.shape[0]
+        request = pb.InferBatchRequest(
+            model_id=model_id,
+            visual_frames=visual.tobytes(),
+            visual_dtype=pb.DTYPE_UINT8 if visual.dtype == np.uint8 else pb.DTYPE_FLOAT32,
+            audio_features=audio.tobytes(),
+            audio_features_shape=list(audio.shape),
+            batch_size=batch,
+            output_dtype=pb.DTYPE_UINT8,
+        )
+        response = await self._call("InferBatch", request, deadline)
+        if len(response.outputs) != batch:
+            raise errors.Internal(f"inference service returned {len(response.outputs)} outputs for {batch} frames")
+        mouths = np.empty((batch, *MOUTH_SHAPE), np.uint8)
+        for i, region in enumerate(response.outputs):
+            if tuple(region.shape) != MOUTH_SHAPE or region.dtype != pb.DTYPE_UINT8:
+                raise errors.Internal(
+                    f"inference service returned a {list(region.shape)} output, expected uint8 {list(MOUTH_SHAPE)}"
+                )
+            mouths[i] = np.frombuffer(region.data, np.uint8).reshape(MOUTH_SHAPE)
+        return MouthBatch(
+            mouths,
+            response.inference_time_ms,
+            response.audio_processing_ms,
+            response.queue_time_ms,
+            response.gpu_id,
+            response.device,
+        )
+
+    async def healthy(self) -> bool:
+        """True when any target answers Health within a second."""
+        for stub in self._stubs:
+            try:
+                if (await stub.Health(pb.HealthRequest(), timeout=1.0)).healthy:
+                    return True
+            except grpc.aio.AioRpcError:
+                continue
+        return False
+
+    async def load_model(self, model_id: str, force_reload: bool) -> None:
+        for index, stub in enumerate(self._stubs):
+            try:
+                await stub.LoadModel(
+                    pb.LoadModelRequest(model_id=model_id, force_reload=force_reload),
+                    timeout=max(self.config.inference_timeout_s, 60.0),
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise to_service_error(exc, self.targets[index]) from None
+
+    async def unload_model(self, model_id: str) -> None:
+        for index, stub in enumerate(self._stubs):
+            try:
+                await stub.UnloadModel(
+                    pb.UnloadModelRequest(model_id=model_id), timeout=self.config.inference_timeout_s
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise to_service_error(exc, self.targets[index]) from None
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+
+class InProcessInference:
+    """The inference service's own engine class, run inside this process: no gRPC hop."""
+
+    def __init__(self, config: CompositingConfig) -> None:
+        from inference_service.config import load_config as load_inference_config
+        from inference_service.core import InferenceCore
+
+        assert config.inference_config is not None
+        self.core = InferenceCore(load_inference_config(config.inference_config))
+        self.description = f"in-process ({config.inference_config.name})"
+
+    async def start(self) -> None:
+        await self.core.start()
+
+    async def infer(self, model_id: str, visual: np.ndarray, audio: np.ndarray, deadline: float | None) -> MouthBatch:
+        coro = self.core.infer(
+            model_id, visual, audio, batch_size=visual.shape[0], audio_shape=audio.shape, output_dtype=np.uint8
+        )
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise errors.DeadlineExceeded("deadline exceeded before inference")
+            try:
+                result = await asyncio.wait_for(coro, left)
+            except TimeoutError:
+                raise errors.DeadlineExceeded("inference did not finish within the deadline") from None
+        else:
+            result = await coro
+        return MouthBatch(
+            result.outputs,
+            result.inference_ms,
+            result.audio_ms,
+            result.queue_ms,
+            result.device.gpu_id,
+            result.device.label,
+        )
+
+    async def healthy(self) -> bool:
+        return True
+
+    async def load_model(self, model_id: str, force_reload: bool) -> None:
+        await self.core.load(model_id, force_reload)
+
+    async def unload_model(self, model_id: str) -> None:
+        with contextlib.suppress(errors.NotFound):
+            await self.core.unload(model_id)
+
+    async def close(self) -> None:
+        self.core.close()
+
+
+def make_backend(config: CompositingConfig) -> InferenceBackend:
+    return InProcessInference(config) if config.inference_mode == "in_process" else RemoteInference(config)

@@ -1,0 +1,157 @@
+"""gRPC glue for the compositing service: messages in, CompositingCore, messages out."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+
+from inference_service.servicer import np_dtype
+from inference_service.tensors import frombuffer
+from service_common.grpc_glue import translate_errors
+from shared_proto import compositing_pb2 as pb
+from shared_proto import compositing_pb2_grpc as pb_grpc
+
+from .avatars import AvatarEntry
+from .core import CompositingCore
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The client's deadline on the monotonic clock, or None when it set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class CompositingServicer(pb_grpc.CompositingServiceServicer):
+    def __init__(self, core: CompositingCore) -> None:
+        self.core = core
+
+    @translate_errors
+    async def InferBatchComposite(
+        self, request: pb.CompositeBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CompositeBatchResponse:
+        visual = None
+        if request.visual_frames:
+            visual = frombuffer(request.visual_frames, np_dtype(request.visual_dtype, "visual_dtype"), "visual_frames")
+        audio = frombuffer(request.audio_features, np.float32, "audio_features")
+        result = await self.core.composite_batch(
+            request.model_id,
+            audio,
+            batch_size=request.batch_size,
+            start_frame_idx=request.start_frame_idx,
+            audio_shape=tuple(request.audio_features_shape),
+            visual_frames=visual,
+            raw_audio=request.raw_audio,
+            deadline=deadline_of(context),
+        )
+        return pb.CompositeBatchResponse(
+            composited_frames=result.frames,
+            inference_time_ms=result.inference_ms,
+            composite_time_ms=result.composite_ms,
+            total_time_ms=result.total_ms,
+            audio_processing_ms=result.audio_ms,
+            model_loaded=result.model_loaded,
+            model_load_time_ms=result.model_load_ms,
+            success=True,
+            gpu_id=result.gpu_id,
+            frame_indices=result.frame_indices,
+            prepare_time_ms=result.prepare_ms,
+            queue_time_ms=result.queue_ms,
+            inference_call_ms=result.inference_call_ms,
+            device=result.device,
+            cache_hits=result.cache_hits,
+            cache_misses=result.cache_misses,
+        )
+
+    def _stats(self, entry: AvatarEntry | None, model_id: str) -> pb.ModelStats:
+        cache = self.core.cache.stats(model_id)
+        stats = pb.ModelStats(
+            cache_hits=cache.hits,
+            cache_misses=cache.misses,
+            cached_frames=cache.frames,
+            cache_bytes=cache.bytes,
+            cache_evictions=cache.evictions,
+            memory_bytes=cache.bytes,
+        )
+        if entry is not None:
+            stats.usage_count = entry.usage_count
+            stats.last_used_unix_ms = entry.last_used_unix_ms
+            stats.total_inference_time_ms = entry.total_inference_ms
+            stats.loaded_unix_ms = entry.loaded_unix_ms
+            stats.total_frames = entry.total_frames
+            stats.mean_inference_time_ms = entry.total_inference_ms / entry.usage_count if entry.usage_count else 0.0
+            stats.load_time_ms = entry.load_time_ms
+        return stats
+
+    def _info(self, model_id: str) -> pb.ModelInfo:
+        spec = self.core.avatars.spec(model_id)
+        entry = self.core.avatars.get(model_id)
+        root = self.core.config.models_root
+
+        def shown(path) -> str:
+            return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+        info = pb.ModelInfo(
+            model_id=model_id,
+            loaded=entry is not None,
+            model_path=spec.model_path,
+            background_dir=shown(spec.background),
+            crop_rects_path=shown(spec.crop_rects_path),
+            stats=self._stats(entry, model_id),
+        )
+        if entry is not None:
+            info.num_frames = entry.avatar.num_frames
+            info.frame_height, info.frame_width = entry.avatar.frame_shape
+        return info
+
+    @translate_errors
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[self._info(m) for m in sorted(self.core.config.models)])
+
+    @translate_errors
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
+        entry, loaded, load_ms = await self.core.load(request.model_id, request.force_reload)
+        return pb.LoadModelResponse(
+            success=True,
+            load_time_ms=load_ms if loaded else 0.0,
+            stats=self._stats(entry, request.model_id),
+        )
+
+    @translate_errors
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadModelResponse:
+        await self.core.unload(request.model_id)
+        return pb.UnloadModelResponse(success=True)
+
+    @translate_errors
+    async def GetModelStats(
+        self, request: pb.GetModelStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelStatsResponse:
+        ids = [request.model_id] if request.model_id else sorted(self.core.config.models)
+        infos = [self._info(m) for m in ids]
+        return pb.GetModelStatsResponse(
+            models=infos,
+            max_models=self.core.config.max_models,
+            loaded_models=len(self.core.avatars.entries()),
+            total_memory_bytes=self.core.cache.total_bytes,
+            max_memory_bytes=self.core.config.background_cache_bytes,
+        )
+
+    @translate_errors
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        inference_ok = await self.core.backend.healthy()
+        return pb.HealthResponse(
+            healthy=inference_ok,
+            inference_server_healthy=inference_ok,
+            loaded_models=len(self.core.avatars.entries()),
+            max_models=self.core.config.max_models,
+            version=self.core.version,
+            inference_server_url=self.core.backend.description,
+            inference_mode=self.core.config.inference_mode,
+            cache_bytes=self.core.cache.total_bytes,
+            cache_max_bytes=self.core.config.background_cache_bytes,
+        )
