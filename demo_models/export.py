@@ -1,7 +1,7 @@
-"""Write every generated model plus a ready inference config into one models directory.
+"""Write every generated model, a demo avatar and ready service configs into one models directory.
 
 Why: a fresh checkout (CI, a laptop, a load test) needs a complete, loadable models root without trained
-checkpoints; one call lays it out exactly as the inference service expects it.
+checkpoints; one call lays it out exactly as the inference and compositing services expect it.
 """
 
 from __future__ import annotations
@@ -12,9 +12,13 @@ from pathlib import Path
 
 import onnx
 
-from demo_models import audio_encoder, talking, unet328
+from demo_models import audio_encoder, avatar, talking, unet328
 
 CONFIG_NAME = "inference.yaml"
+COMPOSITING_CONFIG_NAME = "compositing.yaml"
+AVATAR_DIR = "avatar"
+AVATAR_VIDEO = f"{AVATAR_DIR}/background.mp4"
+AVATAR_RECTS = f"{AVATAR_DIR}/crop_rects.json"
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> Path:
@@ -64,10 +68,50 @@ def render_config(models_root: Path, include_unet328: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_all(out_dir: Path, seed: int = 0, include_unet328: bool = True) -> dict:
+def render_compositing_config(models_root: Path, include_unet328: bool = True) -> str:
+    """The compositing service config: both models share the generated demo avatar (DIR/avatar)."""
+    root = json.dumps(str(models_root.resolve()))
+    lines = [
+        f"models_root: {root}",
+        "server:",
+        '  port: ":50052"',
+        "  max_message_size_mb: 64",
+        "inference_server:",
+        '  url: "127.0.0.1:50051"',
+        "  timeout_seconds: 30",
+        "  max_retries: 3",
+        "inference:",
+        "  mode: remote",
+        f"  config: {CONFIG_NAME}",
+        "capacity:",
+        "  max_models: 4",
+        "  background_cache_frames: 250",
+        "  background_cache_mb: 2048",
+        "  eviction_policy: lfu",
+        "output:",
+        "  format: jpeg",
+        "  jpeg_quality: 75",
+        "  frame_order: ping_pong",
+        "models:",
+    ]
+    entries = [("demo", "true")] + ([("unet328", "false")] if include_unet328 else [])
+    for name, preload in entries:
+        lines += [
+            f"  {name}:",
+            f"    model_path: {name}/model.onnx",
+            f"    background_dir: {AVATAR_VIDEO}",
+            f"    crop_rects_path: {AVATAR_RECTS}",
+            f"    num_frames: {avatar.NUM_FRAMES}",
+            f"    preload_backgrounds: {preload}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_all(out_dir: Path, seed: int = 0, include_unet328: bool = True, include_avatar: bool = True) -> dict:
     """Generate all models under out_dir and return what was written, with sizes and timings.
 
-    Without the unet328 the config lists only the demo model, so it never points at missing files.
+    Without the unet328 both configs list only the demo model, so they never point at missing files.
+    Without the avatar neither the avatar nor compositing.yaml (which needs it) is written.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,5 +158,14 @@ def write_all(out_dir: Path, seed: int = 0, include_unet328: bool = True) -> dic
     config_path = out_dir / CONFIG_NAME
     config_path.write_text(render_config(out_dir, include_unet328))
     result["config_path"] = str(config_path)
+
+    if include_avatar:
+        info = avatar.write_avatar(out_dir / AVATAR_DIR)
+        result["avatar_video"] = info["avatar_video"]
+        result["crop_rects_path"] = info["crop_rects_path"]
+        result["avatar"] = {k: info[k] for k in ("num_frames", "encoder", "seconds")}
+        compositing_path = out_dir / COMPOSITING_CONFIG_NAME
+        compositing_path.write_text(render_compositing_config(out_dir, include_unet328))
+        result["compositing_config_path"] = str(compositing_path)
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result
