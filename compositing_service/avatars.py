@@ -6,7 +6,6 @@ compositing service scale out: no request depends on another's state.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -16,7 +15,7 @@ import numpy as np
 
 from service_common.config_source import valid_model_id
 from service_common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from service_common.lfu import lfu_order
+from service_common.usage import Usage, UsageClock, lfu_order
 
 from .cache import BackgroundCache
 from .config import AvatarConfig, CompositingConfig
@@ -68,16 +67,10 @@ class Avatar:
 
 
 @dataclass
-class AvatarEntry:
+class AvatarEntry(Usage):
     avatar: Avatar
     loaded_unix_ms: int
     load_time_ms: float
-    usage_count: int = 0
-    total_frames: int = 0
-    total_inference_ms: float = 0.0
-    last_used_unix_ms: int = 0
-    last_use_seq: int = 0
-    in_flight: int = 0
 
 
 def open_avatar(spec: AvatarConfig, config: CompositingConfig) -> Avatar:
@@ -96,7 +89,7 @@ class AvatarRegistry:
         self._entries: dict[str, AvatarEntry] = {}
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
-        self._use_seq = itertools.count(1)
+        self._usage = UsageClock(self._lock)
         self.evictions = 0
 
     def spec(self, model_id: str) -> AvatarConfig:
@@ -190,11 +183,4 @@ class AvatarRegistry:
             return entry
 
     def release(self, entry: AvatarEntry, frames: int = 0, inference_ms: float = 0.0) -> None:
-        with self._lock:
-            entry.in_flight -= 1
-            if frames:
-                entry.usage_count += 1
-                entry.total_frames += frames
-                entry.total_inference_ms += inference_ms
-                entry.last_used_unix_ms = int(time.time() * 1000)
-                entry.last_use_seq = next(self._use_seq)
+        self._usage.release(entry, frames, inference_ms)

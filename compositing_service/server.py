@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import sys
 
-from inference_service.server import add_common_arguments, overrides_from, setup_logging
-from service_common.config_source import ConfigError
+from service_common.cli import overrides_from, parser_for, run_server
 from service_common.serving import RunningServer, serve_until_signal, start_grpc_server
 from shared_proto import compositing_pb2, compositing_pb2_grpc
 
@@ -68,8 +66,7 @@ async def serve(config: CompositingConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lipsync-compositing", description=__doc__)
-    add_common_arguments(parser)
+    parser = parser_for("lipsync-compositing", __doc__)
     parser.add_argument("--inference-url", help="inference target(s): host:port[,host:port] or dns:///name:port")
     parser.add_argument("--in-process", action="store_true", help="run the inference engine in this process")
     args = parser.parse_args(argv)
@@ -78,18 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"inference_server.url={args.inference_url}")
     if args.in_process:
         overrides.append("inference.mode=in_process")
-    try:
-        config = load_config(args.config, overrides)
-    except ConfigError as exc:
-        print(f"lipsync-compositing: invalid config: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(args.log_level or config.log_level)
-    try:
-        asyncio.run(serve(config))
-    except RuntimeError as exc:
-        print(f"lipsync-compositing: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_server("lipsync-compositing", args, overrides, load_config, serve)
 
 
 if __name__ == "__main__":

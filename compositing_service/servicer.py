@@ -80,7 +80,7 @@ class CompositingServicer(pb_grpc.CompositingServiceServicer):
             stats.total_inference_time_ms = entry.total_inference_ms
             stats.loaded_unix_ms = entry.loaded_unix_ms
             stats.total_frames = entry.total_frames
-            stats.mean_inference_time_ms = entry.total_inference_ms / entry.usage_count if entry.usage_count else 0.0
+            stats.mean_inference_time_ms = entry.mean_inference_ms
             stats.load_time_ms = entry.load_time_ms
         return stats
 

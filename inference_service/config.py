@@ -15,10 +15,8 @@ from typing import Any
 from service_common.config_source import (
     ConfigError,
     Section,
-    apply_overrides,
-    env_overrides,
-    load_yaml,
     parse_listen_address,
+    read_config,
     resolve_under,
     valid_model_id,
 )
@@ -82,11 +80,7 @@ def load_config(
     overrides: Iterable[str] | Mapping[str, Any] = (),
     environ: Mapping[str, str] | None = None,
 ) -> InferenceConfig:
-    raw = load_yaml(path)
-    apply_overrides(raw, env_overrides(environ))
-    apply_overrides(raw, overrides)
-    base = Path(path).resolve().parent if path else Path.cwd()
-    return parse_config(raw, base)
+    return parse_config(*read_config(path, overrides, environ))
 
 
 def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> InferenceConfig:

@@ -3,7 +3,7 @@
 Capacity is bounded by count (``capacity.max_models``) and by memory
 (``capacity.max_memory_gb``). When a load needs room, the least frequently
 used model that is not serving a request goes first (ties: least recently
-used), in the order service_common.lfu gives; see
+used), in the order service_common.usage gives; see
 docs/decisions/0002-lfu-eviction-without-cachetools.md.
 
 Loads are serialized (one at a time): they are rare, heavy, and racing two
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from service_common.config_source import valid_model_id
 from service_common.errors import InvalidArgument, NotFound, ResourceExhausted
-from service_common.lfu import lfu_order
+from service_common.usage import Usage, UsageClock, lfu_order
 
 from .config import InferenceConfig, ModelConfig
 from .devices import Device
@@ -41,19 +41,12 @@ def now_ms() -> int:
 
 
 @dataclass
-class ModelEntry:
+class ModelEntry(Usage):
     spec: ModelConfig
     model: LipSyncModel
     loaded_unix_ms: int
     load_time_ms: float
-    usage_count: int = 0
-    total_frames: int = 0
-    total_inference_ms: float = 0.0
-    last_used_unix_ms: int = 0
-    in_flight: int = 0
     resident: bool = True
-    # Order of last use; wall-clock ms cannot order uses within one millisecond.
-    last_use_seq: int = 0
 
     @property
     def model_id(self) -> str:
@@ -90,7 +83,7 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._round_robin = itertools.count()
-        self._use_seq = itertools.count(1)
+        self._usage = UsageClock(self._lock)
         self.evictions = 0
 
     # -- model specs -------------------------------------------------------
@@ -264,14 +257,7 @@ class ModelRegistry:
         )
 
     def release(self, entry: ModelEntry, frames: int = 0, inference_ms: float = 0.0) -> None:
-        with self._lock:
-            entry.in_flight -= 1
-            if frames:
-                entry.usage_count += 1
-                entry.total_frames += frames
-                entry.total_inference_ms += inference_ms
-                entry.last_used_unix_ms = now_ms()
-                entry.last_use_seq = next(self._use_seq)
+        self._usage.release(entry, frames, inference_ms)
 
     def entries(self) -> list[ModelEntry]:
         with self._lock:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 import sys
-from pathlib import Path
 
-from service_common.config_source import ConfigError
+from service_common.cli import overrides_from, parser_for, run_server
 from service_common.serving import RunningServer, serve_until_signal, start_grpc_server
 from shared_proto import inference_pb2, inference_pb2_grpc
 
@@ -53,52 +50,10 @@ async def serve(config: InferenceConfig) -> None:
     await serve_until_signal(await start_server(config), "inference service")
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML config file")
-    parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
-    parser.add_argument("--host", help="listen address (default 0.0.0.0)")
-    parser.add_argument("--models-root", help="overrides models_root")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config key, e.g. --set capacity.max_models=2",
-    )
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
-
-
-def overrides_from(args: argparse.Namespace) -> list[str]:
-    overrides = list(args.set)
-    if args.models_root:
-        overrides.append(f"models_root={args.models_root}")
-    if args.port is not None:
-        overrides.append(f"server.port={args.port}")
-    if args.host:
-        overrides.append(f"server.host={args.host}")
-    return overrides
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lipsync-inference", description=__doc__)
-    add_common_arguments(parser)
+    parser = parser_for("lipsync-inference", __doc__)
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, overrides_from(args))
-    except ConfigError as exc:
-        print(f"lipsync-inference: invalid config: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(args.log_level or config.log_level)
-    try:
-        asyncio.run(serve(config))
-    except RuntimeError as exc:
-        print(f"lipsync-inference: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_server("lipsync-inference", args, overrides_from(args), load_config, serve)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ def np_dtype(value: int, field: str) -> type:
 
 
 def model_stats(entry: ModelEntry) -> pb.ModelStats:
-    mean = entry.total_inference_ms / entry.usage_count if entry.usage_count else 0.0
     return pb.ModelStats(
         usage_count=entry.usage_count,
         last_used_unix_ms=entry.last_used_unix_ms,
@@ -34,7 +33,7 @@ def model_stats(entry: ModelEntry) -> pb.ModelStats:
         memory_bytes=entry.memory_bytes,
         loaded_unix_ms=entry.loaded_unix_ms,
         total_frames=entry.total_frames,
-        mean_inference_time_ms=mean,
+        mean_inference_time_ms=entry.mean_inference_ms,
         device=entry.model.device.label,
         load_time_ms=entry.load_time_ms,
     )

@@ -44,6 +44,18 @@ def load_yaml(path: Path | str | None) -> dict[str, Any]:
     return data
 
 
+def read_config(
+    path: Path | str | None,
+    overrides: Mapping[str, Any] | Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """The raw mapping with every override applied, and the folder relative paths start from."""
+    raw = load_yaml(path)
+    apply_overrides(raw, env_overrides(environ))
+    apply_overrides(raw, overrides)
+    return raw, Path(path).resolve().parent if path else Path.cwd()
+
+
 def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``a.b.c`` in a nested mapping, creating levels as needed."""
     parts = [p for p in dotted.split(".") if p]

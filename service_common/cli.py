@@ -1,0 +1,68 @@
+"""The command line both servers share: config file, overrides, logging, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .config_source import ConfigError
+
+C = TypeVar("C")
+
+
+def parser_for(prog: str, description: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", type=Path, help="YAML config file")
+    parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    parser.add_argument("--host", help="listen address (default 0.0.0.0)")
+    parser.add_argument("--models-root", help="overrides models_root")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set capacity.max_models=2",
+    )
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+    return parser
+
+
+def overrides_from(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.set)
+    if args.models_root:
+        overrides.append(f"models_root={args.models_root}")
+    if args.port is not None:
+        overrides.append(f"server.port={args.port}")
+    if args.host:
+        overrides.append(f"server.host={args.host}")
+    return overrides
+
+
+def run_server(
+    prog: str,
+    args: argparse.Namespace,
+    overrides: list[str],
+    load: Callable[[Path | None, list[str]], C],
+    serve: Callable[[C], Coroutine[Any, Any, None]],
+) -> int:
+    """Load the config (exit 2 naming the bad key), then serve until SIGTERM (exit 0) or a start failure (1)."""
+    try:
+        config = load(args.config, overrides)
+    except ConfigError as exc:
+        print(f"{prog}: invalid config: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=args.log_level or getattr(config, "log_level", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve(config))
+    except RuntimeError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    return 0
