@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 MODELS_DIR ?= models
 PROTOS := shared_proto/inference.proto shared_proto/compositing.proto
 
-.PHONY: install proto proto-check lint test test-fast bench bench-inference models demo run clean
+.PHONY: install proto proto-check lint test test-fast bench bench-inference bench-image-libs models demo run clean
 
 install: $(VENV)/.installed
 
@@ -41,10 +41,13 @@ test-fast: install proto
 models: install
 	$(VENV)/bin/lipsync-models --out $(MODELS_DIR)
 
-bench: bench-inference
+bench: bench-inference bench-image-libs
 
 bench-inference: install
 	$(PY) bench/bench_inference.py --models-dir $(MODELS_DIR) --out bench/results/inference.json
+
+bench-image-libs: install
+	$(PY) bench/bench_image_libs.py --models-dir $(MODELS_DIR) --out bench/results/image_libs.json
 
 # Set-up and the main job in one command (grows into the full cluster demo).
 demo: models

@@ -65,6 +65,7 @@ class CompositingConfig:
     log_compositing_times: bool = False
     log_level: str = "INFO"
     grace_seconds: float = 10.0
+    tune_malloc: bool = True
 
     @property
     def max_message_bytes(self) -> int:
@@ -185,6 +186,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Compositi
         max_message_size_mb=server.int("max_message_size_mb", 64, minimum=1, maximum=2047),
         max_batch_size=server.int("max_batch_size", 64, minimum=1, maximum=4096),
         grace_seconds=server.float("grace_seconds", 10.0, minimum=0.0),
+        tune_malloc=server.bool("tune_malloc", True),
         composite_threads=server.int("composite_threads", 0, minimum=0, maximum=256),
         inference_targets=targets,
         inference_timeout_s=remote.float("timeout_seconds", 30.0, minimum=0.001),

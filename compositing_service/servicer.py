@@ -32,8 +32,9 @@ class CompositingServicer(pb_grpc.CompositingServiceServicer):
         self, request: pb.CompositeBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.CompositeBatchResponse:
         visual = None
-        if request.visual_frames:
-            visual = frombuffer(request.visual_frames, np_dtype(request.visual_dtype, "visual_dtype"), "visual_frames")
+        visual_bytes = request.visual_frames  # each read of a bytes field copies it: read once
+        if visual_bytes:
+            visual = frombuffer(visual_bytes, np_dtype(request.visual_dtype, "visual_dtype"), "visual_frames")
         audio = frombuffer(request.audio_features, np.float32, "audio_features")
         result = await self.core.composite_batch(
             request.model_id,

@@ -40,6 +40,10 @@ class OnnxConfig:
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     graph_optimization: str = "all"
+    # ORT's intra-op threads spin between parallel sections (its default). Turning it off
+    # frees cores for other work but costs a wake-up per op: unet328 through the service
+    # fell from 0.98 to 0.86 of bare here (docs/decisions/0004).
+    allow_spinning: bool = True
     # CUDA execution provider options (see docs/gpu.md).
     cudnn_conv_algo_search: str = "HEURISTIC"
     cuda_mem_limit_gb: float = 0.0
@@ -69,6 +73,7 @@ class InferenceConfig:
     warmup: bool = True
     log_level: str = "INFO"
     grace_seconds: float = 10.0
+    tune_malloc: bool = True
 
     @property
     def max_message_bytes(self) -> int:
@@ -117,6 +122,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Inference
         inter_op_threads=onnx.int("inter_op_threads", 1, minimum=0),
         graph_optimization=onnx.str("graph_optimization", "all", choices=["disable", "basic", "extended", "all"])
         or "all",
+        allow_spinning=onnx.bool("allow_spinning", True),
         cudnn_conv_algo_search=onnx.str(
             "cudnn_conv_algo_search", "HEURISTIC", choices=["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
         )
@@ -165,6 +171,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Inference
         max_queue_per_device=server.int("max_queue_per_device", 64, minimum=1),
         max_batch_size=server.int("max_batch_size", 64, minimum=1, maximum=4096),
         grace_seconds=server.float("grace_seconds", 10.0, minimum=0.0),
+        tune_malloc=server.bool("tune_malloc", True),
         gpus_enabled=gpus.bool("enabled", True),
         gpus_required=gpus.bool("required", False),
         gpu_count=gpu_count,

@@ -158,4 +158,7 @@ def session_options(onnx: OnnxConfig) -> ort.SessionOptions:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = _OPT_LEVELS[onnx.graph_optimization]
     opts.log_severity_level = 3
+    spin = "1" if onnx.allow_spinning else "0"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
     return opts

@@ -49,9 +49,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.InferBatchResponse:
         visual_dtype = np_dtype(request.visual_dtype, "visual_dtype")
         output_dtype = np_dtype(request.output_dtype, "output_dtype")
-        if not request.visual_frames:
+        visual_bytes = request.visual_frames  # each read of a bytes field copies it: read once
+        if not visual_bytes:
             raise InvalidArgument("visual_frames: required ([B,6,320,320] float32 or uint8)")
-        visual = frombuffer(request.visual_frames, visual_dtype, "visual_frames")
+        visual = frombuffer(visual_bytes, visual_dtype, "visual_frames")
         audio = frombuffer(request.audio_features, np.float32, "audio_features")
         result = await self.core.infer(
             request.model_id,

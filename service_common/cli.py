@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .allocator import tune_malloc
 from .config_source import ConfigError
 
 C = TypeVar("C")
@@ -60,6 +61,8 @@ def run_server(
         level=args.log_level or getattr(config, "log_level", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if getattr(config, "tune_malloc", True):
+        tune_malloc()
     try:
         asyncio.run(serve(config))
     except RuntimeError as exc:
