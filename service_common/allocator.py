@@ -37,8 +37,11 @@ def tune_malloc() -> bool:
         return False
     ok = all(
         mallopt(option, value) == 1
-        for option, value in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-                              (M_TOP_PAD, TOP_PAD))
+        for option, value in (
+            (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+            (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+            (M_TOP_PAD, TOP_PAD),
+        )
     )
     if not ok:
         log.warning("mallopt refused the large-message settings; using glibc defaults")
