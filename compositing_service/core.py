@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from inference_service.audio import RawAudio
 from inference_service.tensors import audio_windows, batch_of
-from service_common.errors import InvalidArgument, Unimplemented
+from service_common.errors import InvalidArgument
 
 from . import __version__
 from .avatars import Avatar, AvatarEntry, AvatarRegistry
@@ -45,6 +46,7 @@ class CompositeResult:
     model_load_ms: float
     cache_hits: int
     cache_misses: int
+    utterance_frames: int = 0
 
 
 class CompositingCore:
@@ -99,7 +101,7 @@ class CompositingCore:
         start_frame_idx: int = 0,
         audio_shape: tuple[int, ...] | list[int] = (),
         visual_frames: np.ndarray | None = None,
-        raw_audio: bytes = b"",
+        raw_audio: RawAudio | None = None,
         deadline: float | None = None,
     ) -> CompositeResult:
         started = time.perf_counter()
@@ -111,12 +113,15 @@ class CompositingCore:
             raise InvalidArgument(
                 f"batch_size: expected 1..{self.config.max_batch_size} (server.max_batch_size), got {batch_size}"
             )
-        if audio_features is None or audio_features.size == 0:
-            if raw_audio:
-                raise Unimplemented("raw_audio: not supported yet; send audio_features (float32 [B,32,16,16])")
-            raise InvalidArgument("audio_features: required (float32 [32,16,16] or [B,32,16,16])")
-        audio = audio_windows(audio_features.reshape(-1), AUDIO_SHAPE, batch_size, audio_shape)
-        audio = audio if audio.strides[0] else audio[:1].reshape(AUDIO_SHAPE)  # one window stays one on the wire
+        audio: np.ndarray | RawAudio
+        if audio_features is not None and audio_features.size:
+            audio = audio_windows(audio_features.reshape(-1), AUDIO_SHAPE, batch_size, audio_shape)
+            audio = audio if audio.strides[0] else audio[:1].reshape(AUDIO_SHAPE)  # one window stays one on the wire
+        elif raw_audio is not None:
+            raw_audio.check(batch_size)  # fail before touching the cache or the inference service
+            audio = raw_audio
+        else:
+            raise InvalidArgument("audio_features: required (float32 [32,16,16] or [B,32,16,16]), or raw_audio")
         client_visual = None
         if visual_frames is not None and visual_frames.size:
             client_visual = batch_of(visual_frames.reshape(-1), VISUAL_SHAPE, batch_size, "visual_frames")
@@ -175,6 +180,7 @@ class CompositingCore:
             model_load_ms=load_ms or 0.0,
             cache_hits=hits,
             cache_misses=batch_size - hits,
+            utterance_frames=mouths.utterance_frames,
         )
 
     def _fetcher(self, model_id: str, avatar: Avatar, index: int) -> Callable[[], tuple[np.ndarray, bool]]:

@@ -25,6 +25,7 @@ from typing import Protocol
 import grpc
 import numpy as np
 
+from inference_service.audio import RawAudio
 from service_common import errors
 from shared_proto import inference_pb2 as pb
 from shared_proto import inference_pb2_grpc as pb_grpc
@@ -56,6 +57,7 @@ class MouthBatch:
     queue_ms: float
     gpu_id: int
     device: str
+    utterance_frames: int = 0
 
 
 class InferenceBackend(Protocol):
@@ -63,7 +65,7 @@ class InferenceBackend(Protocol):
 
     async def start(self) -> None: ...
     async def infer(
-        self, model_id: str, visual: np.ndarray, audio: np.ndarray, deadline: float | None
+        self, model_id: str, visual: np.ndarray, audio: np.ndarray | RawAudio, deadline: float | None
     ) -> MouthBatch: ...
     async def healthy(self) -> bool: ...
     async def load_model(self, model_id: str, force_reload: bool) -> None: ...
@@ -153,17 +155,27 @@ class RemoteInference:
             retry_after_ms=1000,
         )
 
-    async def infer(self, model_id: str, visual: np.ndarray, audio: np.ndarray, deadline: float | None) -> MouthBatch:
+    async def infer(
+        self, model_id: str, visual: np.ndarray, audio: np.ndarray | RawAudio, deadline: float | None
+    ) -> MouthBatch:
         batch = visual.shape[0]
         request = pb.InferBatchRequest(
             model_id=model_id,
             visual_frames=visual.tobytes(),
             visual_dtype=pb.DTYPE_UINT8 if visual.dtype == np.uint8 else pb.DTYPE_FLOAT32,
-            audio_features=audio.tobytes(),
-            audio_features_shape=list(audio.shape),
             batch_size=batch,
             output_dtype=pb.DTYPE_UINT8,
         )
+        if isinstance(audio, RawAudio):
+            request.raw_audio = audio.data
+            request.audio_encoding = pb.AUDIO_FLOAT32 if audio.encoding == "f32le" else pb.AUDIO_PCM_S16LE
+            request.sample_rate = audio.sample_rate
+            request.audio_offset_samples = audio.offset
+            request.utterance_samples = audio.utterance_samples
+            request.first_frame = audio.first_frame
+        else:
+            request.audio_features = audio.tobytes()
+            request.audio_features_shape.extend(audio.shape)
         response = await self._call("InferBatch", request, deadline)
         if len(response.outputs) != batch:
             raise errors.Internal(f"inference service returned {len(response.outputs)} outputs for {batch} frames")
@@ -181,6 +193,7 @@ class RemoteInference:
             response.queue_time_ms,
             response.gpu_id,
             response.device,
+            response.utterance_frames,
         )
 
     async def healthy(self) -> bool:
@@ -232,10 +245,17 @@ class InProcessInference:
     async def start(self) -> None:
         await self.core.start()
 
-    async def infer(self, model_id: str, visual: np.ndarray, audio: np.ndarray, deadline: float | None) -> MouthBatch:
-        coro = self.core.infer(
-            model_id, visual, audio, batch_size=visual.shape[0], audio_shape=audio.shape, output_dtype=np.uint8
-        )
+    async def infer(
+        self, model_id: str, visual: np.ndarray, audio: np.ndarray | RawAudio, deadline: float | None
+    ) -> MouthBatch:
+        if isinstance(audio, RawAudio):
+            coro = self.core.infer(
+                model_id, visual, None, batch_size=visual.shape[0], raw_audio=audio, output_dtype=np.uint8
+            )
+        else:
+            coro = self.core.infer(
+                model_id, visual, audio, batch_size=visual.shape[0], audio_shape=audio.shape, output_dtype=np.uint8
+            )
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -253,6 +273,7 @@ class InProcessInference:
             result.queue_ms,
             result.device.gpu_id,
             result.device.label,
+            result.utterance_frames,
         )
 
     async def healthy(self) -> bool:

@@ -7,7 +7,7 @@ import time
 import grpc
 import numpy as np
 
-from inference_service.servicer import np_dtype
+from inference_service.servicer import np_dtype, raw_audio_of
 from inference_service.tensors import frombuffer
 from service_common.grpc_glue import translate_errors
 from shared_proto import compositing_pb2 as pb
@@ -43,7 +43,7 @@ class CompositingServicer(pb_grpc.CompositingServiceServicer):
             start_frame_idx=request.start_frame_idx,
             audio_shape=tuple(request.audio_features_shape),
             visual_frames=visual,
-            raw_audio=request.raw_audio,
+            raw_audio=raw_audio_of(request),
             deadline=deadline_of(context),
         )
         return pb.CompositeBatchResponse(
@@ -63,6 +63,7 @@ class CompositingServicer(pb_grpc.CompositingServiceServicer):
             device=result.device,
             cache_hits=result.cache_hits,
             cache_misses=result.cache_misses,
+            utterance_frames=result.utterance_frames,
         )
 
     def _stats(self, entry: AvatarEntry | None, model_id: str) -> pb.ModelStats:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service_common.errors import InvalidArgument, Unimplemented
+from service_common.errors import FailedPrecondition, InvalidArgument
 
 from . import __version__
+from .audio import RawAudio, batch_features
 from .config import InferenceConfig
 from .devices import Device, select_devices
 from .engine import DeviceWorkers, LipSyncModel
@@ -35,6 +36,7 @@ class InferResult:
     worker_id: int
     device: Device
     load: LoadOutcome | None  # set when this request loaded the model
+    utterance_frames: int = 0  # with raw audio: frames the reference renders for the utterance
 
 
 @dataclass
@@ -82,10 +84,14 @@ class InferenceCore:
         *,
         batch_size: int = 0,
         audio_shape: tuple[int, ...] | list[int] = (),
-        raw_audio: bytes = b"",
+        raw_audio: RawAudio | None = None,
         output_dtype: type | np.dtype = np.float32,
     ) -> InferResult:
-        """Run a batch. ``visual`` is flat or shaped uint8/float32; shapes are checked here."""
+        """Run a batch. ``visual`` is flat or shaped uint8/float32; shapes are checked here.
+
+        Audio is either model features (``audio_features``, which win when both are given) or speech
+        (``raw_audio``), turned into features on the model's device by its audio encoder.
+        """
         if batch_size < 0:
             raise InvalidArgument(
                 f"batch_size: expected 0 (infer) or 1..{self.config.max_batch_size}, got {batch_size}"
@@ -94,10 +100,9 @@ class InferenceCore:
             raise InvalidArgument(f"visual_frames: expected uint8 or float32, got {visual.dtype}")
         if np.dtype(output_dtype) not in (np.uint8, np.float32):
             raise InvalidArgument(f"output_dtype: expected uint8 or float32, got {np.dtype(output_dtype)}")
-        if audio_features is None or audio_features.size == 0:
-            if raw_audio:
-                raise Unimplemented("raw_audio: not supported yet; send audio_features (float32 [B,32,16,16])")
-            raise InvalidArgument("audio_features: required (float32 [32,16,16] or [B,32,16,16])")
+        use_features = audio_features is not None and audio_features.size > 0
+        if not use_features and raw_audio is None:
+            raise InvalidArgument("audio_features: required (float32 [32,16,16] or [B,32,16,16]), or raw_audio")
         entry, load = await self._checkout(model_id)
         inference_ms = 0.0
         frames = 0
@@ -110,15 +115,36 @@ class InferenceCore:
                     f"batch_size: expected at most {self.config.max_batch_size} frames "
                     f"(server.max_batch_size), got {frames}"
                 )
-            audio = audio_windows(audio_features.reshape(-1), model.audio_shape, frames, audio_shape)
+            if use_features:
+                audio: np.ndarray | RawAudio = audio_windows(
+                    audio_features.reshape(-1), model.audio_shape, frames, audio_shape
+                )
+            else:
+                if model.encoder is None:
+                    raise FailedPrecondition(
+                        f"raw_audio: model {model_id!r} has no audio encoder (models.{model_id}.audio_encoder_path); "
+                        "send audio_features"
+                    )
+                raw_audio.check(frames)
+                audio = raw_audio
             pool = self.workers[model.device.label]
             run = await pool.run(_run_batch, model, frames_in, audio, np.dtype(output_dtype))
-            inference_ms = run.run_ms
+            inference_ms = run.run_ms - run.value.audio_ms
         except BaseException:
             self.registry.release(entry)
             raise
         self.registry.release(entry, frames, inference_ms)
-        return InferResult(run.value, run.run_ms, run.queue_ms, 0.0, run.worker_id, model.device, load)
+        done: _BatchOutput = run.value
+        return InferResult(
+            done.outputs,
+            inference_ms,
+            run.queue_ms,
+            done.audio_ms,
+            run.worker_id,
+            model.device,
+            load,
+            done.utterance_frames,
+        )
 
     # -- management --------------------------------------------------------
 
@@ -138,13 +164,24 @@ class InferenceCore:
         return out
 
 
-def _run_batch(model: LipSyncModel, visual: np.ndarray, audio: np.ndarray, output_dtype: np.dtype) -> np.ndarray:
-    """Worker-thread part: dtype conversion, the forward pass, output conversion."""
-    started = time.perf_counter()
+@dataclass
+class _BatchOutput:
+    outputs: np.ndarray
+    audio_ms: float
+    utterance_frames: int
+
+
+def _run_batch(
+    model: LipSyncModel, visual: np.ndarray, audio: np.ndarray | RawAudio, output_dtype: np.dtype
+) -> _BatchOutput:
+    """Worker-thread part: audio features if needed, dtype conversion, the forward pass, output conversion."""
+    audio_ms = 0.0
+    utterance = 0
+    if isinstance(audio, RawAudio):
+        started = time.perf_counter()
+        audio, utterance = batch_features(audio, len(visual), model.encode_audio)
+        audio_ms = (time.perf_counter() - started) * 1000.0
     if visual.dtype == np.float32 and not np.isfinite(visual).all():
         raise InvalidArgument("visual_frames: contains NaN or infinity")
-    model_visual = to_model_input(visual)
-    model_audio = np.ascontiguousarray(audio, dtype=np.float32)
-    out = model.run(model_visual, model_audio)
-    log.debug("batch of %d on %s in %.1f ms", len(visual), model.device.label, (time.perf_counter() - started) * 1e3)
-    return to_output_dtype(out, output_dtype)
+    out = model.run(to_model_input(visual), np.ascontiguousarray(audio, dtype=np.float32))
+    return _BatchOutput(to_output_dtype(out, output_dtype), audio_ms, utterance)

@@ -172,6 +172,15 @@ class LipSyncModel:
             raise Internal(f"model {self.model_id}: inference failed ({exc})") from exc
         return out
 
+    def encode_audio(self, chunks: np.ndarray) -> np.ndarray:
+        """Mel chunks [N, 1, 80, 16] to embeddings [N, 512] with the model's audio encoder, on its device."""
+        assert self.encoder is not None
+        try:
+            (out,) = self.encoder.run(None, {self.encoder.get_inputs()[0].name: chunks})
+        except Exception as exc:
+            raise Internal(f"model {self.model_id}: audio encoder failed ({exc})") from exc
+        return out.reshape(len(chunks), -1)
+
     def warm_up(self) -> None:
         """One run at load so the first request does not pay for allocation and kernel choice."""
         visual = np.zeros((1, *self.visual_shape), np.float32)

@@ -10,6 +10,7 @@ from service_common.grpc_glue import translate_errors
 from shared_proto import inference_pb2 as pb
 from shared_proto import inference_pb2_grpc as pb_grpc
 
+from .audio import SAMPLE_RATE, RawAudio
 from .core import InferenceCore
 from .registry import ModelEntry
 from .tensors import frombuffer
@@ -23,6 +24,30 @@ def np_dtype(value: int, field: str) -> type:
         return _NP_DTYPES[value]
     except KeyError:
         raise InvalidArgument(f"{field}: expected DTYPE_FLOAT32 or DTYPE_UINT8, got {value}") from None
+
+
+_ENCODINGS = {pb.AUDIO_ENCODING_UNSPECIFIED: "s16le", pb.AUDIO_PCM_S16LE: "s16le", pb.AUDIO_FLOAT32: "f32le"}
+
+
+def raw_audio_of(request: pb.InferBatchRequest) -> RawAudio | None:
+    """The speech fields of InferBatchRequest or CompositeBatchRequest (same names and meaning)."""
+    data = request.raw_audio
+    if not data:
+        return None
+    try:
+        encoding = _ENCODINGS[request.audio_encoding]
+    except KeyError:
+        raise InvalidArgument(
+            f"audio_encoding: expected AUDIO_PCM_S16LE or AUDIO_FLOAT32, got {request.audio_encoding}"
+        ) from None
+    return RawAudio(
+        data=data,
+        encoding=encoding,
+        sample_rate=request.sample_rate or SAMPLE_RATE,
+        offset=request.audio_offset_samples,
+        utterance_samples=request.utterance_samples,
+        first_frame=request.first_frame,
+    )
 
 
 def model_stats(entry: ModelEntry) -> pb.ModelStats:
@@ -60,7 +85,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             audio,
             batch_size=request.batch_size,
             audio_shape=tuple(request.audio_features_shape),
-            raw_audio=request.raw_audio,
+            raw_audio=raw_audio_of(request),
             output_dtype=output_dtype,
         )
         out = result.outputs
@@ -75,6 +100,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             worker_id=result.worker_id,
             gpu_id=result.device.gpu_id,
             device=result.device.label,
+            utterance_frames=result.utterance_frames,
         )
 
     def _model_info(self, model_id: str) -> pb.ModelInfo:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shared_proto import inference_pb2 as shared__proto_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eshared_proto/compositing.proto\x12\x0b\x63ompositing\x1a\x1cshared_proto/inference.proto\"\xf3\x01\n\x15\x43ompositeBatchRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rvisual_frames\x18\x02 \x01(\x0c\x12\x11\n\traw_audio\x18\x03 \x01(\x0c\x12\x16\n\x0e\x61udio_features\x18\x04 \x01(\x0c\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x17\n\x0fstart_frame_idx\x18\x06 \x01(\x05\x12\x13\n\x0bsample_rate\x18\x07 \x01(\x05\x12&\n\x0cvisual_dtype\x18\x08 \x01(\x0e\x32\x10.inference.DType\x12\x1c\n\x14\x61udio_features_shape\x18\t \x03(\x05\"\x9b\x03\n\x16\x43ompositeBatchResponse\x12\x19\n\x11\x63omposited_frames\x18\x01 \x03(\x0c\x12\x19\n\x11inference_time_ms\x18\x02 \x01(\x02\x12\x19\n\x11\x63omposite_time_ms\x18\x03 \x01(\x02\x12\x15\n\rtotal_time_ms\x18\x04 \x01(\x02\x12\x1b\n\x13\x61udio_processing_ms\x18\x05 \x01(\x02\x12\x14\n\x0cmodel_loaded\x18\x06 \x01(\x08\x12\x1a\n\x12model_load_time_ms\x18\x07 \x01(\x02\x12\x0f\n\x07success\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0e\n\x06gpu_id\x18\n \x01(\x05\x12\x15\n\rframe_indices\x18\x0b \x03(\x05\x12\x17\n\x0fprepare_time_ms\x18\x0c \x01(\x02\x12\x15\n\rqueue_time_ms\x18\r \x01(\x02\x12\x19\n\x11inference_call_ms\x18\x0e \x01(\x02\x12\x0e\n\x06\x64\x65vice\x18\x0f \x01(\t\x12\x12\n\ncache_hits\x18\x10 \x01(\x05\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x11 \x01(\x05\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.compositing.ModelInfo\":\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66orce_reload\x18\x02 \x01(\x08\"\x82\x01\n\x11LoadModelResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x14\n\x0cload_time_ms\x18\x03 \x01(\x02\x12&\n\x05stats\x18\x04 \x01(\x0b\x32\x17.compositing.ModelStats\x12\x0f\n\x07\x65victed\x18\x05 \x03(\t\"&\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"5\n\x13UnloadModelResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"(\n\x14GetModelStatsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\xa0\x01\n\x15GetModelStatsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.compositing.ModelInfo\x12\x12\n\nmax_models\x18\x02 \x01(\x05\x12\x15\n\rloaded_models\x18\x03 \x01(\x05\x12\x1a\n\x12total_memory_bytes\x18\x04 \x01(\x03\x12\x18\n\x10max_memory_bytes\x18\x05 \x01(\x03\"\x0f\n\rHealthRequest\"\xe3\x01\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12 \n\x18inference_server_healthy\x18\x02 \x01(\x08\x12\x15\n\rloaded_models\x18\x03 \x01(\x05\x12\x12\n\nmax_models\x18\x04 \x01(\x05\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x1c\n\x14inference_server_url\x18\x06 \x01(\t\x12\x16\n\x0einference_mode\x18\x07 \x01(\t\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x08 \x01(\x03\x12\x17\n\x0f\x63\x61\x63he_max_bytes\x18\t \x01(\x03\"\xd9\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\x16\n\x0e\x62\x61\x63kground_dir\x18\x04 \x01(\t\x12\x17\n\x0f\x63rop_rects_path\x18\x05 \x01(\t\x12&\n\x05stats\x18\x06 \x01(\x0b\x32\x17.compositing.ModelStats\x12\x12\n\nnum_frames\x18\x07 \x01(\x05\x12\x13\n\x0b\x66rame_width\x18\x08 \x01(\x05\x12\x14\n\x0c\x66rame_height\x18\t \x01(\x05\"\xc6\x02\n\nModelStats\x12\x13\n\x0busage_count\x18\x01 \x01(\x03\x12\x19\n\x11last_used_unix_ms\x18\x02 \x01(\x03\x12\x1f\n\x17total_inference_time_ms\x18\x03 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\x12\x16\n\x0eloaded_unix_ms\x18\x05 \x01(\x03\x12\x14\n\x0ctotal_frames\x18\x06 \x01(\x03\x12\x1e\n\x16mean_inference_time_ms\x18\x07 \x01(\x01\x12\x12\n\ncache_hits\x18\x08 \x01(\x03\x12\x14\n\x0c\x63\x61\x63he_misses\x18\t \x01(\x03\x12\x15\n\rcached_frames\x18\n \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x0b \x01(\x03\x12\x17\n\x0f\x63\x61\x63he_evictions\x18\x0c \x01(\x03\x12\x14\n\x0cload_time_ms\x18\r \x01(\x01\x32\xfc\x03\n\x12\x43ompositingService\x12^\n\x13InferBatchComposite\x12\".compositing.CompositeBatchRequest\x1a#.compositing.CompositeBatchResponse\x12M\n\nListModels\x12\x1e.compositing.ListModelsRequest\x1a\x1f.compositing.ListModelsResponse\x12J\n\tLoadModel\x12\x1d.compositing.LoadModelRequest\x1a\x1e.compositing.LoadModelResponse\x12P\n\x0bUnloadModel\x12\x1f.compositing.UnloadModelRequest\x1a .compositing.UnloadModelResponse\x12V\n\rGetModelStats\x12!.compositing.GetModelStatsRequest\x1a\".compositing.GetModelStatsResponse\x12\x41\n\x06Health\x12\x1a.compositing.HealthRequest\x1a\x1b.compositing.HealthResponseB\x15Z\x13lipsync/compositingb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eshared_proto/compositing.proto\x12\x0b\x63ompositing\x1a\x1cshared_proto/inference.proto\"\xf3\x02\n\x15\x43ompositeBatchRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rvisual_frames\x18\x02 \x01(\x0c\x12\x11\n\traw_audio\x18\x03 \x01(\x0c\x12\x16\n\x0e\x61udio_features\x18\x04 \x01(\x0c\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x17\n\x0fstart_frame_idx\x18\x06 \x01(\x05\x12\x13\n\x0bsample_rate\x18\x07 \x01(\x05\x12&\n\x0cvisual_dtype\x18\x08 \x01(\x0e\x32\x10.inference.DType\x12\x1c\n\x14\x61udio_features_shape\x18\t \x03(\x05\x12\x30\n\x0e\x61udio_encoding\x18\n \x01(\x0e\x32\x18.inference.AudioEncoding\x12\x1c\n\x14\x61udio_offset_samples\x18\x0b \x01(\x03\x12\x19\n\x11utterance_samples\x18\x0c \x01(\x03\x12\x13\n\x0b\x66irst_frame\x18\r \x01(\x05\"\xb5\x03\n\x16\x43ompositeBatchResponse\x12\x19\n\x11\x63omposited_frames\x18\x01 \x03(\x0c\x12\x19\n\x11inference_time_ms\x18\x02 \x01(\x02\x12\x19\n\x11\x63omposite_time_ms\x18\x03 \x01(\x02\x12\x15\n\rtotal_time_ms\x18\x04 \x01(\x02\x12\x1b\n\x13\x61udio_processing_ms\x18\x05 \x01(\x02\x12\x14\n\x0cmodel_loaded\x18\x06 \x01(\x08\x12\x1a\n\x12model_load_time_ms\x18\x07 \x01(\x02\x12\x0f\n\x07success\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0e\n\x06gpu_id\x18\n \x01(\x05\x12\x15\n\rframe_indices\x18\x0b \x03(\x05\x12\x17\n\x0fprepare_time_ms\x18\x0c \x01(\x02\x12\x15\n\rqueue_time_ms\x18\r \x01(\x02\x12\x19\n\x11inference_call_ms\x18\x0e \x01(\x02\x12\x0e\n\x06\x64\x65vice\x18\x0f \x01(\t\x12\x12\n\ncache_hits\x18\x10 \x01(\x05\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x11 \x01(\x05\x12\x18\n\x10utterance_frames\x18\x12 \x01(\x05\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.compositing.ModelInfo\":\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66orce_reload\x18\x02 \x01(\x08\"\x82\x01\n\x11LoadModelResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x14\n\x0cload_time_ms\x18\x03 \x01(\x02\x12&\n\x05stats\x18\x04 \x01(\x0b\x32\x17.compositing.ModelStats\x12\x0f\n\x07\x65victed\x18\x05 \x03(\t\"&\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"5\n\x13UnloadModelResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"(\n\x14GetModelStatsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\xa0\x01\n\x15GetModelStatsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.compositing.ModelInfo\x12\x12\n\nmax_models\x18\x02 \x01(\x05\x12\x15\n\rloaded_models\x18\x03 \x01(\x05\x12\x1a\n\x12total_memory_bytes\x18\x04 \x01(\x03\x12\x18\n\x10max_memory_bytes\x18\x05 \x01(\x03\"\x0f\n\rHealthRequest\"\xe3\x01\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12 \n\x18inference_server_healthy\x18\x02 \x01(\x08\x12\x15\n\rloaded_models\x18\x03 \x01(\x05\x12\x12\n\nmax_models\x18\x04 \x01(\x05\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x1c\n\x14inference_server_url\x18\x06 \x01(\t\x12\x16\n\x0einference_mode\x18\x07 \x01(\t\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x08 \x01(\x03\x12\x17\n\x0f\x63\x61\x63he_max_bytes\x18\t \x01(\x03\"\xd9\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\x16\n\x0e\x62\x61\x63kground_dir\x18\x04 \x01(\t\x12\x17\n\x0f\x63rop_rects_path\x18\x05 \x01(\t\x12&\n\x05stats\x18\x06 \x01(\x0b\x32\x17.compositing.ModelStats\x12\x12\n\nnum_frames\x18\x07 \x01(\x05\x12\x13\n\x0b\x66rame_width\x18\x08 \x01(\x05\x12\x14\n\x0c\x66rame_height\x18\t \x01(\x05\"\xc6\x02\n\nModelStats\x12\x13\n\x0busage_count\x18\x01 \x01(\x03\x12\x19\n\x11last_used_unix_ms\x18\x02 \x01(\x03\x12\x1f\n\x17total_inference_time_ms\x18\x03 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\x12\x16\n\x0eloaded_unix_ms\x18\x05 \x01(\x03\x12\x14\n\x0ctotal_frames\x18\x06 \x01(\x03\x12\x1e\n\x16mean_inference_time_ms\x18\x07 \x01(\x01\x12\x12\n\ncache_hits\x18\x08 \x01(\x03\x12\x14\n\x0c\x63\x61\x63he_misses\x18\t \x01(\x03\x12\x15\n\rcached_frames\x18\n \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x0b \x01(\x03\x12\x17\n\x0f\x63\x61\x63he_evictions\x18\x0c \x01(\x03\x12\x14\n\x0cload_time_ms\x18\r \x01(\x01\x32\xfc\x03\n\x12\x43ompositingService\x12^\n\x13InferBatchComposite\x12\".compositing.CompositeBatchRequest\x1a#.compositing.CompositeBatchResponse\x12M\n\nListModels\x12\x1e.compositing.ListModelsRequest\x1a\x1f.compositing.ListModelsResponse\x12J\n\tLoadModel\x12\x1d.compositing.LoadModelRequest\x1a\x1e.compositing.LoadModelResponse\x12P\n\x0bUnloadModel\x12\x1f.compositing.UnloadModelRequest\x1a .compositing.UnloadModelResponse\x12V\n\rGetModelStats\x12!.compositing.GetModelStatsRequest\x1a\".compositing.GetModelStatsResponse\x12\x41\n\x06Health\x12\x1a.compositing.HealthRequest\x1a\x1b.compositing.HealthResponseB\x15Z\x13lipsync/compositingb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,33 +34,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z\023lipsync/compositing'
   _globals['_COMPOSITEBATCHREQUEST']._serialized_start=78
-  _globals['_COMPOSITEBATCHREQUEST']._serialized_end=321
-  _globals['_COMPOSITEBATCHRESPONSE']._serialized_start=324
-  _globals['_COMPOSITEBATCHRESPONSE']._serialized_end=735
-  _globals['_LISTMODELSREQUEST']._serialized_start=737
-  _globals['_LISTMODELSREQUEST']._serialized_end=756
-  _globals['_LISTMODELSRESPONSE']._serialized_start=758
-  _globals['_LISTMODELSRESPONSE']._serialized_end=818
-  _globals['_LOADMODELREQUEST']._serialized_start=820
-  _globals['_LOADMODELREQUEST']._serialized_end=878
-  _globals['_LOADMODELRESPONSE']._serialized_start=881
-  _globals['_LOADMODELRESPONSE']._serialized_end=1011
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1013
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1051
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=1053
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=1106
-  _globals['_GETMODELSTATSREQUEST']._serialized_start=1108
-  _globals['_GETMODELSTATSREQUEST']._serialized_end=1148
-  _globals['_GETMODELSTATSRESPONSE']._serialized_start=1151
-  _globals['_GETMODELSTATSRESPONSE']._serialized_end=1311
-  _globals['_HEALTHREQUEST']._serialized_start=1313
-  _globals['_HEALTHREQUEST']._serialized_end=1328
-  _globals['_HEALTHRESPONSE']._serialized_start=1331
-  _globals['_HEALTHRESPONSE']._serialized_end=1558
-  _globals['_MODELINFO']._serialized_start=1561
-  _globals['_MODELINFO']._serialized_end=1778
-  _globals['_MODELSTATS']._serialized_start=1781
-  _globals['_MODELSTATS']._serialized_end=2107
-  _globals['_COMPOSITINGSERVICE']._serialized_start=2110
-  _globals['_COMPOSITINGSERVICE']._serialized_end=2618
+  _globals['_COMPOSITEBATCHREQUEST']._serialized_end=449
+  _globals['_COMPOSITEBATCHRESPONSE']._serialized_start=452
+  _globals['_COMPOSITEBATCHRESPONSE']._serialized_end=889
+  _globals['_LISTMODELSREQUEST']._serialized_start=891
+  _globals['_LISTMODELSREQUEST']._serialized_end=910
+  _globals['_LISTMODELSRESPONSE']._serialized_start=912
+  _globals['_LISTMODELSRESPONSE']._serialized_end=972
+  _globals['_LOADMODELREQUEST']._serialized_start=974
+  _globals['_LOADMODELREQUEST']._serialized_end=1032
+  _globals['_LOADMODELRESPONSE']._serialized_start=1035
+  _globals['_LOADMODELRESPONSE']._serialized_end=1165
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1167
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1205
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1207
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1260
+  _globals['_GETMODELSTATSREQUEST']._serialized_start=1262
+  _globals['_GETMODELSTATSREQUEST']._serialized_end=1302
+  _globals['_GETMODELSTATSRESPONSE']._serialized_start=1305
+  _globals['_GETMODELSTATSRESPONSE']._serialized_end=1465
+  _globals['_HEALTHREQUEST']._serialized_start=1467
+  _globals['_HEALTHREQUEST']._serialized_end=1482
+  _globals['_HEALTHRESPONSE']._serialized_start=1485
+  _globals['_HEALTHRESPONSE']._serialized_end=1712
+  _globals['_MODELINFO']._serialized_start=1715
+  _globals['_MODELINFO']._serialized_end=1932
+  _globals['_MODELSTATS']._serialized_start=1935
+  _globals['_MODELSTATS']._serialized_end=2261
+  _globals['_COMPOSITINGSERVICE']._serialized_start=2264
+  _globals['_COMPOSITINGSERVICE']._serialized_end=2772
 # @@protoc_insertion_point(module_scope)

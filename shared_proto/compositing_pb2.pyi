@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CompositeBatchRequest(_message.Message):
-    __slots__ = ("model_id", "visual_frames", "raw_audio", "audio_features", "batch_size", "start_frame_idx", "sample_rate", "visual_dtype", "audio_features_shape")
+    __slots__ = ("model_id", "visual_frames", "raw_audio", "audio_features", "batch_size", "start_frame_idx", "sample_rate", "visual_dtype", "audio_features_shape", "audio_encoding", "audio_offset_samples", "utterance_samples", "first_frame")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VISUAL_FRAMES_FIELD_NUMBER: _ClassVar[int]
     RAW_AUDIO_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,10 @@ class CompositeBatchRequest(_message.Message):
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     VISUAL_DTYPE_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FEATURES_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_OFFSET_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    UTTERANCE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     visual_frames: bytes
     raw_audio: bytes
@@ -27,10 +31,14 @@ class CompositeBatchRequest(_message.Message):
     sample_rate: int
     visual_dtype: _inference_pb2.DType
     audio_features_shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model_id: _Optional[str] = ..., visual_frames: _Optional[bytes] = ..., raw_audio: _Optional[bytes] = ..., audio_features: _Optional[bytes] = ..., batch_size: _Optional[int] = ..., start_frame_idx: _Optional[int] = ..., sample_rate: _Optional[int] = ..., visual_dtype: _Optional[_Union[_inference_pb2.DType, str]] = ..., audio_features_shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    audio_encoding: _inference_pb2.AudioEncoding
+    audio_offset_samples: int
+    utterance_samples: int
+    first_frame: int
+    def __init__(self, model_id: _Optional[str] = ..., visual_frames: _Optional[bytes] = ..., raw_audio: _Optional[bytes] = ..., audio_features: _Optional[bytes] = ..., batch_size: _Optional[int] = ..., start_frame_idx: _Optional[int] = ..., sample_rate: _Optional[int] = ..., visual_dtype: _Optional[_Union[_inference_pb2.DType, str]] = ..., audio_features_shape: _Optional[_Iterable[int]] = ..., audio_encoding: _Optional[_Union[_inference_pb2.AudioEncoding, str]] = ..., audio_offset_samples: _Optional[int] = ..., utterance_samples: _Optional[int] = ..., first_frame: _Optional[int] = ...) -> None: ...
 
 class CompositeBatchResponse(_message.Message):
-    __slots__ = ("composited_frames", "inference_time_ms", "composite_time_ms", "total_time_ms", "audio_processing_ms", "model_loaded", "model_load_time_ms", "success", "error", "gpu_id", "frame_indices", "prepare_time_ms", "queue_time_ms", "inference_call_ms", "device", "cache_hits", "cache_misses")
+    __slots__ = ("composited_frames", "inference_time_ms", "composite_time_ms", "total_time_ms", "audio_processing_ms", "model_loaded", "model_load_time_ms", "success", "error", "gpu_id", "frame_indices", "prepare_time_ms", "queue_time_ms", "inference_call_ms", "device", "cache_hits", "cache_misses", "utterance_frames")
     COMPOSITED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     COMPOSITE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +56,7 @@ class CompositeBatchResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    UTTERANCE_FRAMES_FIELD_NUMBER: _ClassVar[int]
     composited_frames: _containers.RepeatedScalarFieldContainer[bytes]
     inference_time_ms: float
     composite_time_ms: float
@@ -65,7 +74,8 @@ class CompositeBatchResponse(_message.Message):
     device: str
     cache_hits: int
     cache_misses: int
-    def __init__(self, composited_frames: _Optional[_Iterable[bytes]] = ..., inference_time_ms: _Optional[float] = ..., composite_time_ms: _Optional[float] = ..., total_time_ms: _Optional[float] = ..., audio_processing_ms: _Optional[float] = ..., model_loaded: _Optional[bool] = ..., model_load_time_ms: _Optional[float] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., gpu_id: _Optional[int] = ..., frame_indices: _Optional[_Iterable[int]] = ..., prepare_time_ms: _Optional[float] = ..., queue_time_ms: _Optional[float] = ..., inference_call_ms: _Optional[float] = ..., device: _Optional[str] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ...) -> None: ...
+    utterance_frames: int
+    def __init__(self, composited_frames: _Optional[_Iterable[bytes]] = ..., inference_time_ms: _Optional[float] = ..., composite_time_ms: _Optional[float] = ..., total_time_ms: _Optional[float] = ..., audio_processing_ms: _Optional[float] = ..., model_loaded: _Optional[bool] = ..., model_load_time_ms: _Optional[float] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., gpu_id: _Optional[int] = ..., frame_indices: _Optional[_Iterable[int]] = ..., prepare_time_ms: _Optional[float] = ..., queue_time_ms: _Optional[float] = ..., inference_call_ms: _Optional[float] = ..., device: _Optional[str] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., utterance_frames: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

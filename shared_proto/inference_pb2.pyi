@@ -12,12 +12,21 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_UNSPECIFIED: _ClassVar[DType]
     DTYPE_FLOAT32: _ClassVar[DType]
     DTYPE_UINT8: _ClassVar[DType]
+
+class AudioEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AUDIO_ENCODING_UNSPECIFIED: _ClassVar[AudioEncoding]
+    AUDIO_PCM_S16LE: _ClassVar[AudioEncoding]
+    AUDIO_FLOAT32: _ClassVar[AudioEncoding]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_UINT8: DType
+AUDIO_ENCODING_UNSPECIFIED: AudioEncoding
+AUDIO_PCM_S16LE: AudioEncoding
+AUDIO_FLOAT32: AudioEncoding
 
 class InferBatchRequest(_message.Message):
-    __slots__ = ("model_id", "visual_frames", "raw_audio", "audio_features", "batch_size", "sample_rate", "visual_dtype", "output_dtype", "audio_features_shape")
+    __slots__ = ("model_id", "visual_frames", "raw_audio", "audio_features", "batch_size", "sample_rate", "visual_dtype", "output_dtype", "audio_features_shape", "audio_encoding", "audio_offset_samples", "utterance_samples", "first_frame")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VISUAL_FRAMES_FIELD_NUMBER: _ClassVar[int]
     RAW_AUDIO_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +36,10 @@ class InferBatchRequest(_message.Message):
     VISUAL_DTYPE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FEATURES_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_OFFSET_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    UTTERANCE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     visual_frames: bytes
     raw_audio: bytes
@@ -36,7 +49,11 @@ class InferBatchRequest(_message.Message):
     visual_dtype: DType
     output_dtype: DType
     audio_features_shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model_id: _Optional[str] = ..., visual_frames: _Optional[bytes] = ..., raw_audio: _Optional[bytes] = ..., audio_features: _Optional[bytes] = ..., batch_size: _Optional[int] = ..., sample_rate: _Optional[int] = ..., visual_dtype: _Optional[_Union[DType, str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., audio_features_shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    audio_encoding: AudioEncoding
+    audio_offset_samples: int
+    utterance_samples: int
+    first_frame: int
+    def __init__(self, model_id: _Optional[str] = ..., visual_frames: _Optional[bytes] = ..., raw_audio: _Optional[bytes] = ..., audio_features: _Optional[bytes] = ..., batch_size: _Optional[int] = ..., sample_rate: _Optional[int] = ..., visual_dtype: _Optional[_Union[DType, str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., audio_features_shape: _Optional[_Iterable[int]] = ..., audio_encoding: _Optional[_Union[AudioEncoding, str]] = ..., audio_offset_samples: _Optional[int] = ..., utterance_samples: _Optional[int] = ..., first_frame: _Optional[int] = ...) -> None: ...
 
 class RawMouthRegion(_message.Message):
     __slots__ = ("data", "dtype", "shape")
@@ -49,7 +66,7 @@ class RawMouthRegion(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InferBatchResponse(_message.Message):
-    __slots__ = ("outputs", "inference_time_ms", "audio_processing_ms", "success", "error", "worker_id", "gpu_id", "queue_time_ms", "device")
+    __slots__ = ("outputs", "inference_time_ms", "audio_processing_ms", "success", "error", "worker_id", "gpu_id", "queue_time_ms", "device", "utterance_frames")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     AUDIO_PROCESSING_MS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +76,7 @@ class InferBatchResponse(_message.Message):
     GPU_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    UTTERANCE_FRAMES_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.RepeatedCompositeFieldContainer[RawMouthRegion]
     inference_time_ms: float
     audio_processing_ms: float
@@ -68,7 +86,8 @@ class InferBatchResponse(_message.Message):
     gpu_id: int
     queue_time_ms: float
     device: str
-    def __init__(self, outputs: _Optional[_Iterable[_Union[RawMouthRegion, _Mapping]]] = ..., inference_time_ms: _Optional[float] = ..., audio_processing_ms: _Optional[float] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., worker_id: _Optional[int] = ..., gpu_id: _Optional[int] = ..., queue_time_ms: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+    utterance_frames: int
+    def __init__(self, outputs: _Optional[_Iterable[_Union[RawMouthRegion, _Mapping]]] = ..., inference_time_ms: _Optional[float] = ..., audio_processing_ms: _Optional[float] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., worker_id: _Optional[int] = ..., gpu_id: _Optional[int] = ..., queue_time_ms: _Optional[float] = ..., device: _Optional[str] = ..., utterance_frames: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

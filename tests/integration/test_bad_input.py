@@ -23,10 +23,78 @@ CASES = {
     "traversal id": (dict(model_id="../etc", visual_frames=FRAME_F32, audio_features=WINDOW), INVALID, "model_id"),
     "no visual": (dict(model_id="demo", audio_features=WINDOW), INVALID, "visual_frames"),
     "no audio": (dict(model_id="demo", visual_frames=FRAME_F32), INVALID, "audio_features"),
-    "raw audio only": (
+    "raw audio too short": (
         dict(model_id="demo", visual_frames=FRAME_F32, raw_audio=b"\0\0" * 1600),
-        grpc.StatusCode.UNIMPLEMENTED,
+        INVALID,
         "raw_audio",
+    ),
+    "raw audio odd bytes": (
+        dict(model_id="demo", visual_frames=FRAME_F32, raw_audio=b"\0" * 8001),
+        INVALID,
+        "raw_audio",
+    ),
+    "raw audio float ragged": (
+        dict(model_id="demo", visual_frames=FRAME_F32, raw_audio=b"\0" * 16002, audio_encoding=pb.AUDIO_FLOAT32),
+        INVALID,
+        "raw_audio",
+    ),
+    "raw audio NaN": (
+        dict(
+            model_id="demo",
+            visual_frames=FRAME_F32,
+            audio_encoding=pb.AUDIO_FLOAT32,
+            raw_audio=np.full(8000, np.nan, np.float32).tobytes(),
+        ),
+        INVALID,
+        "raw_audio",
+    ),
+    "raw audio bad encoding": (
+        dict(model_id="demo", visual_frames=FRAME_F32, raw_audio=b"\0" * 8000, audio_encoding=7),
+        INVALID,
+        "audio_encoding",
+    ),
+    "raw audio rate too low": (
+        dict(model_id="demo", visual_frames=FRAME_F32, raw_audio=b"\0" * 8000, sample_rate=4000),
+        INVALID,
+        "sample_rate",
+    ),
+    "raw audio rate too high": (
+        dict(model_id="demo", visual_frames=FRAME_F32, raw_audio=b"\0" * 8000, sample_rate=384000),
+        INVALID,
+        "sample_rate",
+    ),
+    "batched context at 48k": (
+        dict(
+            model_id="demo",
+            visual_frames=FRAME_F32,
+            raw_audio=b"\0" * 96000,
+            sample_rate=48000,
+            audio_offset_samples=100,
+        ),
+        INVALID,
+        "sample_rate",
+    ),
+    "raw audio window misses samples": (
+        dict(
+            model_id="demo",
+            visual_frames=FRAME_F32,
+            raw_audio=b"\0" * 8000,
+            utterance_samples=160000,
+            audio_offset_samples=80000,
+            first_frame=100,
+        ),
+        INVALID,
+        "raw_audio",
+    ),
+    "raw audio past the utterance": (
+        dict(model_id="demo", visual_frames=FRAME_F32, raw_audio=b"\0" * 8000, utterance_samples=1000),
+        INVALID,
+        "raw_audio",
+    ),
+    "negative offset": (
+        dict(model_id="demo", visual_frames=FRAME_F32, raw_audio=b"\0" * 8000, audio_offset_samples=-5),
+        INVALID,
+        "audio_offset_samples",
     ),
     "truncated visual": (
         dict(model_id="demo", visual_frames=FRAME_F32[:-4], audio_features=WINDOW),
