@@ -1,0 +1,197 @@
+"""The Python API the `lipsync-client` command is a thin layer over."""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from inference_service.audio import SAMPLE_RATE, required_samples, utterance_frames
+from shared_proto import compositing_pb2 as pb
+from shared_proto import compositing_pb2_grpc, inference_pb2
+
+from .media import MediaError, Mp4Writer, read_speech
+
+MAX_MESSAGE = 256 * 1024 * 1024
+
+
+class LipsyncError(RuntimeError):
+    """A server error (with its gRPC status code) or a bad argument."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RenderResult:
+    frames: int
+    audio_seconds: float
+    wall_seconds: float
+    audio_ms: float = 0.0  # server time computing audio features, summed over batches
+    inference_ms: float = 0.0
+    composite_ms: float = 0.0
+    server_total_ms: float = 0.0
+    batches: int = 0
+    out: Path | None = None
+    frames_dir: Path | None = None
+    batch_latencies_ms: list[float] = field(default_factory=list)
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.wall_seconds if self.wall_seconds else 0.0
+
+    @property
+    def real_time_factor(self) -> float:
+        """Wall time over audio duration: below 1 renders faster than real time."""
+        return self.wall_seconds / self.audio_seconds if self.audio_seconds else 0.0
+
+    def summary(self) -> str:
+        lines = [
+            f"frames           {self.frames} ({self.batches} batches)",
+            f"audio            {self.audio_seconds:.2f} s of speech; features {self.audio_ms:.0f} ms on the server",
+            f"inference        {self.inference_ms:.0f} ms (server, summed over batches)",
+            f"compositing      {self.composite_ms:.0f} ms (server, summed over batches)",
+            f"total            {self.wall_seconds:.2f} s wall",
+            f"throughput       {self.fps:.1f} frames/s",
+            f"real-time factor {self.real_time_factor:.2f} (wall / audio; below 1 is faster than real time)",
+        ]
+        if self.out:
+            lines.append(f"video            {self.out}")
+        if self.frames_dir:
+            lines.append(f"frames           {self.frames_dir}/")
+        return "\n".join(lines)
+
+
+class LipsyncClient:
+    """A connection to a compositing server (or the load balancer in front of several)."""
+
+    def __init__(self, server: str, timeout: float = 120.0) -> None:
+        self.server = server
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(
+            server,
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)],
+        )
+        self.stub = compositing_pb2_grpc.CompositingServiceStub(self.channel)
+
+    def __enter__(self) -> LipsyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method: Callable, request: object, timeout: float | None = None) -> object:
+        try:
+            return method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise LipsyncError(f"{exc.code().name}: {exc.details()}", exc.code()) from None
+
+    def health(self) -> pb.HealthResponse:
+        return self._call(self.stub.Health, pb.HealthRequest(), timeout=10)
+
+    def models(self) -> list[pb.ModelInfo]:
+        return list(self._call(self.stub.ListModels, pb.ListModelsRequest(), timeout=30).models)
+
+    def render(
+        self,
+        model: str,
+        audio: str | Path | np.ndarray,
+        *,
+        out: str | Path | None = None,
+        frames_dir: str | Path | None = None,
+        batch_size: int = 16,
+        concurrency: int = 2,
+        start_frame: int = 0,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> RenderResult:
+        """Render speech (a file, or 16 kHz mono float32 samples) to an MP4 and/or JPEG frames.
+
+        The utterance goes in batches of ``batch_size`` frames, ``concurrency``
+        at a time; each batch carries the samples its frames depend on
+        (``required_samples``), so the frames equal those of one whole request.
+        """
+        if batch_size < 1 or concurrency < 1 or start_frame < 0:
+            raise LipsyncError("--batch-size and --concurrency must be >= 1 and --start-frame >= 0")
+        if out is None and frames_dir is None:
+            raise LipsyncError("give --out and/or --frames-dir")
+        try:
+            samples = read_speech(audio) if not isinstance(audio, np.ndarray) else audio.astype(np.float32)
+        except MediaError as exc:
+            raise LipsyncError(str(exc)) from None
+        total = utterance_frames(len(samples)) if len(samples) >= 3000 else 0
+        if not total:
+            raise LipsyncError("--audio: too short (at least 0.19 s of speech)")
+        frames_path = Path(frames_dir) if frames_dir else None
+        if frames_path:
+            frames_path.mkdir(parents=True, exist_ok=True)
+        writer = Mp4Writer(out, samples) if out else None
+        result = RenderResult(
+            0, len(samples) / SAMPLE_RATE, 0.0, out=Path(out) if out else None, frames_dir=frames_path
+        )
+        started = time.perf_counter()
+        pending: collections.deque[tuple[int, float, Future]] = collections.deque()
+        firsts = iter(range(0, total, batch_size))
+        try:
+            while True:
+                while len(pending) < concurrency:
+                    first = next(firsts, None)
+                    if first is None:
+                        break
+                    count = min(batch_size, total - first)
+                    lo, hi = required_samples(first, count, len(samples))
+                    request = pb.CompositeBatchRequest(
+                        model_id=model,
+                        raw_audio=samples[lo:hi].tobytes(),
+                        audio_encoding=inference_pb2.AUDIO_FLOAT32,
+                        sample_rate=SAMPLE_RATE,
+                        audio_offset_samples=lo,
+                        utterance_samples=len(samples),
+                        first_frame=first,
+                        batch_size=count,
+                        start_frame_idx=start_frame + first,
+                    )
+                    pending.append(
+                        (
+                            first,
+                            time.perf_counter(),
+                            self.stub.InferBatchComposite.future(request, timeout=self.timeout),
+                        )
+                    )
+                if not pending:
+                    break
+                first, sent, future = pending.popleft()
+                try:
+                    response = future.result()
+                except grpc.RpcError as exc:
+                    raise LipsyncError(f"{exc.code().name}: {exc.details()}", exc.code()) from None
+                result.batch_latencies_ms.append((time.perf_counter() - sent) * 1000)
+                for i, data in enumerate(response.composited_frames):
+                    if writer:
+                        writer.add_jpeg(data)
+                    if frames_path:
+                        (frames_path / f"{first + i:06d}.jpg").write_bytes(data)
+                result.frames += len(response.composited_frames)
+                result.batches += 1
+                result.audio_ms += response.audio_processing_ms
+                result.inference_ms += response.inference_time_ms
+                result.composite_ms += response.composite_time_ms
+                result.server_total_ms += response.total_time_ms
+                if progress:
+                    progress(result.frames, total)
+        finally:
+            for _, _, future in pending:
+                future.cancel()
+            if writer:
+                writer.close()
+        result.wall_seconds = time.perf_counter() - started
+        return result

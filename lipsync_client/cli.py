@@ -1,0 +1,89 @@
+"""``lipsync-client``: render speech to a lip-synced MP4, and look at a server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .api import LipsyncClient, LipsyncError
+
+
+class ProgressBar:
+    """A one-line bar on stderr when it is a terminal; silent otherwise (logs stay clean)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.started = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * done / total) if total else width
+        rate = done / max(time.perf_counter() - self.started, 1e-9)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} frames {rate:.1f} fps")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lipsync-client", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    render = sub.add_parser("render", help="render a speech file to a lip-synced video")
+    render.add_argument("--server", required=True, help="HOST:PORT of the compositing service or load balancer")
+    render.add_argument("--model", required=True, help="avatar / model id")
+    render.add_argument("--audio", required=True, type=Path, help="WAV, FLAC, MP3, ... at any rate")
+    render.add_argument("--out", type=Path, help="MP4 to write (H.264, 25 fps, speech muxed in)")
+    render.add_argument("--frames-dir", type=Path, help="also write the JPEG frames here")
+    render.add_argument("--batch-size", type=int, default=16)
+    render.add_argument("--concurrency", type=int, default=2, help="batches in flight")
+    render.add_argument("--start-frame", type=int, default=0, help="first background frame of the avatar")
+    render.add_argument("--timeout", type=float, default=120.0, help="deadline of each batch, seconds")
+    render.add_argument("--no-progress", action="store_true")
+    for name, text in (("health", "the server's health"), ("models", "the avatars it serves")):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("--server", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with LipsyncClient(args.server, timeout=getattr(args, "timeout", 120.0)) as client:
+            if args.command == "health":
+                health = client.health()
+                print(
+                    f"healthy: {health.healthy}  inference: {health.inference_server_healthy} "
+                    f"({health.inference_mode} {health.inference_server_url})  version: {health.version}  "
+                    f"avatars loaded: {health.loaded_models}/{health.max_models}"
+                )
+                return 0 if health.healthy else 1
+            if args.command == "models":
+                for info in client.models():
+                    state = "loaded" if info.loaded else "not loaded"
+                    size = f"{info.frame_width}x{info.frame_height}, {info.num_frames} frames" if info.loaded else ""
+                    print(f"{info.model_id:20s} {state:11s} {size:28s} {info.background_dir}")
+                return 0
+            progress = ProgressBar(sys.stderr.isatty() and not args.no_progress)
+            result = client.render(
+                args.model,
+                args.audio,
+                out=args.out,
+                frames_dir=args.frames_dir,
+                batch_size=args.batch_size,
+                concurrency=args.concurrency,
+                start_frame=args.start_frame,
+                progress=progress,
+            )
+            print(result.summary())
+            return 0
+    except LipsyncError as exc:
+        print(f"lipsync-client: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
