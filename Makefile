@@ -49,9 +49,9 @@ bench-inference: install
 bench-image-libs: install
 	$(PY) bench/bench_image_libs.py --models-dir $(MODELS_DIR) --out bench/results/image_libs.json
 
-# Set-up and the main job in one command (grows into the full cluster demo).
+# Set-up and the main job in one command: install, models, both services, speech -> out/demo.mp4.
 demo: models
-	$(PY) tools/demo_inference.py --models-dir $(MODELS_DIR)
+	$(PY) tools/demo.py --models-dir $(MODELS_DIR) --out out/demo.mp4
 
 run: models
 	$(VENV)/bin/lipsync-inference --config $(MODELS_DIR)/inference.yaml
