@@ -53,6 +53,7 @@ async def start_server(config: CompositingConfig, core: CompositingCore | None =
         service_names=[SERVICE_NAME],
         grace_seconds=config.grace_seconds,
         on_stop=on_stop,
+        max_connection_age_s=config.max_connection_age_s,
     )
     watcher = asyncio.create_task(watch_inference(core, running))
     log.info(

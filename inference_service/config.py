@@ -74,6 +74,9 @@ class InferenceConfig:
     log_level: str = "INFO"
     grace_seconds: float = 10.0
     tune_malloc: bool = True
+    # Clients re-resolve DNS when a connection ends: bounding a connection's age lets
+    # new pods behind a headless Service get traffic. 0 = unbounded.
+    max_connection_age_s: float = 0.0
 
     @property
     def max_message_bytes(self) -> int:
@@ -172,6 +175,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Inference
         max_batch_size=server.int("max_batch_size", 64, minimum=1, maximum=4096),
         grace_seconds=server.float("grace_seconds", 10.0, minimum=0.0),
         tune_malloc=server.bool("tune_malloc", True),
+        max_connection_age_s=server.float("max_connection_age_seconds", 0.0, minimum=0.0),
         gpus_enabled=gpus.bool("enabled", True),
         gpus_required=gpus.bool("required", False),
         gpu_count=gpu_count,

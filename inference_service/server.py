@@ -36,6 +36,7 @@ async def start_server(config: InferenceConfig, core: InferenceCore | None = Non
         service_names=[SERVICE_NAME],
         grace_seconds=config.grace_seconds,
         on_stop=on_stop,
+        max_connection_age_s=config.max_connection_age_s,
     )
     log.info(
         "inference service listening on %s:%d (devices: %s)",

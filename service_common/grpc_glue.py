@@ -46,8 +46,8 @@ def translate_errors(
     return wrapper
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    return [
+def server_options(max_message_bytes: int, max_connection_age_s: float = 0.0) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
@@ -56,3 +56,7 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+    if max_connection_age_s > 0:
+        age_ms = int(max_connection_age_s * 1000)
+        options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", max(age_ms, 30_000))]
+    return options

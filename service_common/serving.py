@@ -51,9 +51,10 @@ async def start_grpc_server(
     service_names: Sequence[str],
     grace_seconds: float,
     on_stop: Callable[[], Awaitable[None]],
+    max_connection_age_s: float = 0.0,
 ) -> RunningServer:
     """A grpc.aio server with the given services, grpc.health.v1 and reflection, started and SERVING."""
-    server = grpc.aio.server(options=server_options(max_message_bytes))
+    server = grpc.aio.server(options=server_options(max_message_bytes, max_connection_age_s))
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -147,6 +147,19 @@ def test_management_rpcs(comp_stub) -> None:
     assert loaded.success and loaded.load_time_ms == 0.0
 
 
+def test_bad_raw_audio_is_refused_before_any_work(comp_stub) -> None:
+    for fields, field_name in [
+        (dict(raw_audio=b"\0" * 7), "raw_audio"),
+        (dict(raw_audio=b"\0" * 8000, sample_rate=1000), "sample_rate"),
+        (dict(raw_audio=b"\0" * 100), "raw_audio"),
+        (dict(raw_audio=b"\0" * 8000, audio_offset_samples=4, utterance_samples=100000, first_frame=90), "raw_audio"),
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            comp_stub.InferBatchComposite(pb.CompositeBatchRequest(model_id="demo", batch_size=2, **fields))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert field_name in err.value.details()
+
+
 @pytest.mark.parametrize(
     "fields, code, field_name",
     [

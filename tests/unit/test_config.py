@@ -129,3 +129,12 @@ def test_listen_address_forms(value, expected) -> None:
 def test_booleans_and_strings_accept_yaml_spellings(tmp_path: Path) -> None:
     config = parse_config({"models_root": str(tmp_path), "gpus": {"enabled": "off", "required": "yes"}})
     assert not config.gpus_enabled and config.gpus_required
+
+
+def test_max_connection_age_becomes_a_server_option(tmp_path: Path) -> None:
+    from service_common.grpc_glue import server_options
+
+    config = parse_config({"models_root": str(tmp_path), "server": {"max_connection_age_seconds": 60}})
+    options = dict(server_options(config.max_message_bytes, config.max_connection_age_s))
+    assert options["grpc.max_connection_age_ms"] == 60_000 and options["grpc.max_connection_age_grace_ms"] == 60_000
+    assert "grpc.max_connection_age_ms" not in dict(server_options(1 << 20))
