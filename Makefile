@@ -5,9 +5,20 @@ PY := $(VENV)/bin/python
 MODELS_DIR ?= models
 PROTOS := shared_proto/inference.proto shared_proto/compositing.proto
 
-.PHONY: install proto proto-check lint test test-fast bench bench-inference bench-image-libs models demo run clean
+# System packages: nginx (the load balancer of the local cluster), docker-compose (its config check in the tests).
+RUN_PACKAGES := nginx-light
+TEST_PACKAGES := nginx-light docker-compose
+
+.PHONY: system-deps system-deps-test install proto proto-check lint test test-fast bench bench-inference bench-image-libs models demo run clean
 
 install: $(VENV)/.installed
+
+# Installs missing system packages when run as root; otherwise says exactly what to install.
+system-deps:
+	@PACKAGES="$(RUN_PACKAGES)" sh tools/system_deps.sh
+
+system-deps-test:
+	@PACKAGES="$(TEST_PACKAGES)" sh tools/system_deps.sh
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -31,7 +42,7 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: install proto lint
+test: system-deps-test install proto lint
 	$(PY) -m pytest -q --cov --cov-report=term-missing:skip-covered --cov-fail-under=85
 
 # The suite without the full-size unet328 tests.
@@ -49,12 +60,14 @@ bench-inference: install
 bench-image-libs: install
 	$(PY) bench/bench_image_libs.py --models-dir $(MODELS_DIR) --out bench/results/image_libs.json
 
-# Set-up and the main job in one command: install, models, both services, speech -> out/demo.mp4.
-demo: models
+# Set-up and the main job in one command: system packages, install, models, the local cluster
+# (inference, 2 compositing replicas, nginx), speech -> out/demo.mp4 through the load balancer.
+demo: system-deps models
 	$(PY) tools/demo.py --models-dir $(MODELS_DIR) --out out/demo.mp4
 
-run: models
-	$(VENV)/bin/lipsync-inference --config $(MODELS_DIR)/inference.yaml
+# The same cluster, serving on port 8080 in the foreground until Ctrl-C.
+run: system-deps models
+	$(VENV)/bin/lipsync-cluster up --models-dir $(MODELS_DIR) --port 8080 --replicas 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .coverage

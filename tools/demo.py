@@ -1,19 +1,20 @@
-"""`make demo`: start the inference and compositing services, render the committed speech to out/demo.mp4.
+"""`make demo`: the local cluster (inference, two compositing replicas, nginx), speech in, out/demo.mp4 out.
 
-Both services run as their own processes on free loopback ports, exactly as
-deployed (the local cluster with nginx in front arrives with `lipsync-cluster`);
-the client renders tests/data/speech_16k.wav through them, prints its timing
-summary, and everything is stopped again.
+Starts the same topology as deploy/ describes, as plain processes on
+loopback; renders the committed speech sample through the load balancer;
+prints the client's timing summary; stops the cluster (also on failure).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from lipsync_client import LipsyncClient, LipsyncError
-from service_common.processes import ServiceProcess, free_port
+from lipsync_cluster.launcher import Cluster, ClusterError, ClusterSpec
+from service_common.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,52 +25,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audio", type=Path, default=ROOT / "tests" / "data" / "speech_16k.wav")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo.mp4")
     parser.add_argument("--model", default="demo")
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--port", type=int, default=0, help="public port (0: a free one)")
     args = parser.parse_args(argv)
-    models = args.models_dir.resolve()
-    if not (models / "compositing.yaml").is_file():
-        print(f"demo: {models}/compositing.yaml missing; run `make models` first", file=sys.stderr)
-        return 2
-    logs = args.out.parent / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    bin_dir = Path(sys.executable).parent
-    inference_port, compositing_port = free_port(), free_port()
-    print(f"starting the inference service on 127.0.0.1:{inference_port} ...")
-    with ServiceProcess(
-        [
-            str(bin_dir / "lipsync-inference"),
-            "--config",
-            str(models / "inference.yaml"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(inference_port),
-        ],
-        inference_port,
-        logs / "inference.log",
-    ).wait_serving(120):
-        print(f"starting the compositing service on 127.0.0.1:{compositing_port} ...")
-        with ServiceProcess(
-            [
-                str(bin_dir / "lipsync-compositing"),
-                "--config",
-                str(models / "compositing.yaml"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(compositing_port),
-                "--inference-url",
-                f"127.0.0.1:{inference_port}",
-            ],
-            compositing_port,
-            logs / "compositing.log",
-        ).wait_serving(180) as compositing:
-            print(f"rendering {args.audio.name} with the {args.model!r} avatar ...")
-            try:
-                with LipsyncClient(compositing.address) as client:
-                    result = client.render(args.model, args.audio, out=args.out, batch_size=16, concurrency=2)
-            except LipsyncError as exc:
-                print(f"demo: {exc}", file=sys.stderr)
-                return 1
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    spec = ClusterSpec(models_dir=args.models_dir, port=args.port or free_port(), replicas=args.replicas)
+    try:
+        with Cluster(spec) as cluster:
+            print(f"cluster serving on {cluster.address}; rendering {args.audio.name} with the {args.model!r} avatar")
+            with LipsyncClient(cluster.address) as client:
+                result = client.render(args.model, args.audio, out=args.out, batch_size=16, concurrency=2)
+    except (ClusterError, LipsyncError) as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
     print(result.summary())
     return 0
 

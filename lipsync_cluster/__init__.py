@@ -1,0 +1,1 @@
+"""``lipsync-cluster``: the deployed topology as local processes (inference, compositing replicas, nginx)."""

@@ -1,0 +1,183 @@
+"""Start, watch and stop the local cluster: inference servers, compositing replicas, nginx.
+
+Everything listens on loopback, on free ports except the public one; every
+part is a child process started from its console script, with its log and the
+nginx config in one private folder that is removed on stop. A part that fails
+to start stops everything already started, and the error says which part and
+why (with the end of its log).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service_common.processes import ServiceProcess, free_port, wait_serving
+
+from . import nginx
+
+log = logging.getLogger(__name__)
+
+
+class ClusterError(RuntimeError):
+    """A part of the cluster could not start; the message names it and says why."""
+
+
+@dataclass
+class ClusterSpec:
+    models_dir: Path
+    port: int = 8080
+    host: str = "127.0.0.1"
+    replicas: int = 2
+    inference_servers: int = 1
+    inference_overrides: list[str] = field(default_factory=list)
+    compositing_overrides: list[str] = field(default_factory=list)
+    startup_timeout: float = 180.0
+
+
+@dataclass
+class Part:
+    name: str
+    process: ServiceProcess
+
+    @property
+    def pid(self) -> int:
+        return self.process.process.pid
+
+
+class Cluster:
+    def __init__(self, spec: ClusterSpec, workdir: Path | None = None) -> None:
+        self.spec = spec
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="lipsync-cluster-"))
+        self._own_workdir = workdir is None
+        self.inference: list[Part] = []
+        self.replicas: list[Part] = []
+        self.nginx: Part | None = None
+        self.bin_dir = Path(sys.executable).parent
+
+    @property
+    def address(self) -> str:
+        return f"{self.spec.host}:{self.spec.port}"
+
+    def _start(self, name: str, argv: list[str], port: int, timeout: float) -> Part:
+        log.info("starting %s on 127.0.0.1:%d", name, port)
+        process = ServiceProcess(argv, port, self.workdir / f"{name.replace(' ', '-')}.log")
+        try:
+            process.wait_serving(timeout)
+        except RuntimeError as exc:
+            raise ClusterError(f"{name} failed to start: {exc}") from None
+        return Part(name, process)
+
+    def start(self) -> Cluster:
+        models = self.spec.models_dir.resolve()
+        for config in ("inference.yaml", "compositing.yaml"):
+            if not (models / config).is_file():
+                raise ClusterError(f"models: {models / config} is missing (run `lipsync-models --out {models}`)")
+        binary = nginx.find_nginx()
+        if binary is None:
+            raise ClusterError(nginx.install_hint())
+        try:
+            for i in range(self.spec.inference_servers):
+                port = free_port()
+                argv = [
+                    str(self.bin_dir / "lipsync-inference"),
+                    "--config",
+                    str(models / "inference.yaml"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ]
+                for override in self.spec.inference_overrides:
+                    argv += ["--set", override]
+                self.inference.append(self._start(f"inference {i + 1}", argv, port, self.spec.startup_timeout))
+            targets = ",".join(part.process.address for part in self.inference)
+            for i in range(self.spec.replicas):
+                port = free_port()
+                argv = [
+                    str(self.bin_dir / "lipsync-compositing"),
+                    "--config",
+                    str(models / "compositing.yaml"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--inference-url",
+                    targets,
+                    "--set",
+                    f"frames_cache_dir={self.workdir / 'frames'}",
+                ]
+                for override in self.spec.compositing_overrides:
+                    argv += ["--set", override]
+                self.replicas.append(self._start(f"compositing {i + 1}", argv, port, self.spec.startup_timeout))
+            self._start_nginx(binary)
+        except BaseException:
+            self.stop()
+            raise
+        self._write_state()
+        return self
+
+    def _start_nginx(self, binary: str) -> None:
+        prefix = self.workdir / "nginx"
+        nginx.prepare_prefix(prefix)
+        upstreams = [part.process.address for part in self.replicas]
+        (prefix / "nginx.conf").write_text(nginx.render(prefix, self.spec.host, self.spec.port, upstreams))
+        process = ServiceProcess(nginx.command(binary, prefix), self.spec.port, self.workdir / "nginx.log")
+        part = Part("nginx", process)
+        self.nginx = part
+        try:
+            wait_serving(self.address, 30, process.process)
+        except (RuntimeError, TimeoutError) as exc:
+            errors = (
+                (prefix / "error.log").read_text(errors="replace")[-1500:] if (prefix / "error.log").exists() else ""
+            )
+            output = (self.workdir / "nginx.log").read_text(errors="replace")[-1500:]
+            raise ClusterError(f"nginx failed to start on {self.address}: {exc}\n{output}{errors}") from None
+
+    def parts(self) -> list[Part]:
+        return [*self.inference, *self.replicas, *([self.nginx] if self.nginx else [])]
+
+    def _write_state(self) -> None:
+        state = {
+            "supervisor_pid": os.getpid(),
+            "address": self.address,
+            "workdir": str(self.workdir),
+            "parts": {part.name: {"pid": part.pid, "address": part.process.address} for part in self.parts()},
+        }
+        (self.workdir / "cluster.json").write_text(json.dumps(state, indent=2))
+
+    def dead_parts(self) -> list[str]:
+        return [part.name for part in self.parts() if part.process.process.poll() is not None]
+
+    def stop(self) -> None:
+        """nginx first (no new calls), then the replicas, then inference; then the private folder."""
+        for part in reversed(self.parts()):
+            code = part.process.stop(timeout=30)
+            log.info("stopped %s (exit %s)", part.name, code)
+        self.inference, self.replicas, self.nginx = [], [], None
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
