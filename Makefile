@@ -9,7 +9,7 @@ PROTOS := shared_proto/inference.proto shared_proto/compositing.proto
 RUN_PACKAGES := nginx-light
 TEST_PACKAGES := nginx-light docker-compose
 
-.PHONY: system-deps system-deps-test install proto proto-check lint test test-fast bench bench-inference bench-image-libs models demo run clean
+.PHONY: system-deps system-deps-test install proto proto-check lint test test-fast bench bench-inference bench-image-libs bench-compositing models demo run clean
 
 install: $(VENV)/.installed
 
@@ -52,13 +52,16 @@ test-fast: install proto
 models: install
 	$(VENV)/bin/lipsync-models --out $(MODELS_DIR)
 
-bench: bench-inference bench-image-libs
+bench: bench-inference bench-image-libs bench-compositing
 
 bench-inference: install
 	$(PY) bench/bench_inference.py --models-dir $(MODELS_DIR) --out bench/results/inference.json
 
 bench-image-libs: install
 	$(PY) bench/bench_image_libs.py --models-dir $(MODELS_DIR) --out bench/results/image_libs.json
+
+bench-compositing: install
+	$(PY) bench/bench_compositing.py --models-dir $(MODELS_DIR) --out bench/results/compositing.json
 
 # Set-up and the main job in one command: system packages, install, models, the local cluster
 # (inference, 2 compositing replicas, nginx), speech -> out/demo.mp4 through the load balancer.

@@ -51,6 +51,8 @@ class CompositingConfig:
     inference_retry_backoff_s: float = 0.1
     inference_mode: str = "remote"
     inference_config: Path | None = None
+    # --set style overrides for the in-process engine's config (the process environment is not applied to it)
+    inference_overrides: tuple[str, ...] = ()
     warmup: bool = True
     max_models: int = 8
     background_cache_frames: int = 600
@@ -152,6 +154,10 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Compositi
             f"inference.config: in_process mode needs the inference service's config file, got {inference_config}"
         )
 
+    overrides = inference.data.get("overrides", [])
+    if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
+        raise ConfigError(f'{inference.key("overrides")}: expected a list of "key=value" strings')
+
     capacity = root.section("capacity")
     capacity.str("eviction_policy", "lfu", choices=["lfu"])
     output = root.section("output")
@@ -198,6 +204,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Compositi
         inference_retry_backoff_s=remote.float("retry_backoff_seconds", 0.1, minimum=0.0),
         inference_mode=mode,
         inference_config=inference_config,
+        inference_overrides=tuple(overrides),
         warmup=root.bool("warmup", True),
         max_models=capacity.int("max_models", 8, minimum=1),
         background_cache_frames=capacity.int("background_cache_frames", 600, minimum=1),

@@ -42,7 +42,8 @@ def paste_back(frame: np.ndarray, rect: Rect, crop328: np.ndarray, mouth: np.nda
     """
     x1, y1, x2, y2 = rect
     crop = crop328.copy()
-    crop[INNER, INNER] = mouth.transpose(1, 2, 0)
+    # cv2.merge interleaves the planes ~3x faster than assigning a transposed view (bench/README.md).
+    crop[INNER, INNER] = cv2.merge((mouth[0], mouth[1], mouth[2]))
     frame[y1:y2, x1:x2] = cv2.resize(crop, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
 
 

@@ -239,7 +239,10 @@ class InProcessInference:
         from inference_service.core import InferenceCore
 
         assert config.inference_config is not None
-        self.core = InferenceCore(load_inference_config(config.inference_config))
+        # The engine shares this process's cores with compositing, where ORT's spinning threads cost
+        # throughput (bench/README.md); the environment is this service's, so it is not applied here.
+        overrides = ["onnx.allow_spinning=false", *config.inference_overrides]
+        self.core = InferenceCore(load_inference_config(config.inference_config, overrides, environ={}))
         self.description = f"in-process ({config.inference_config.name})"
 
     async def start(self) -> None:

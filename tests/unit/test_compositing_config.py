@@ -63,3 +63,25 @@ def test_invalid_values_fail_naming_the_key(tmp_path: Path, change: dict, key: s
     with pytest.raises(ConfigError) as err:
         parse_config(raw)
     assert str(err.value).startswith(key), str(err.value)
+
+
+def test_in_process_engine_takes_its_own_overrides_not_the_environment(models_dir: Path, monkeypatch) -> None:
+    from compositing_service.inference_client import InProcessInference
+
+    monkeypatch.setenv("LIPSYNC_CAPACITY__MAX_MODELS", "2")
+    config = load_config(
+        models_dir / "compositing.yaml",
+        {
+            "inference.mode": "in_process",
+            "inference.config": "inference.yaml",
+            "inference.overrides": ["capacity.max_models=3"],
+        },
+    )
+    assert config.max_models == 2 and config.inference_overrides == ("capacity.max_models=3",)
+    engine = InProcessInference(config)
+    try:
+        assert engine.core.config.max_models == 3 and not engine.core.config.onnx.allow_spinning
+    finally:
+        engine.core.close()
+    with pytest.raises(ConfigError, match=r"inference\.overrides"):
+        parse_config({"models_root": str(models_dir), "inference": {"overrides": "x=1"}})
