@@ -9,7 +9,7 @@ PROTOS := shared_proto/inference.proto shared_proto/compositing.proto
 RUN_PACKAGES := nginx-light
 TEST_PACKAGES := nginx-light docker-compose
 
-.PHONY: system-deps system-deps-test install proto proto-check lint test test-fast bench bench-inference bench-image-libs bench-compositing models demo run clean
+.PHONY: system-deps system-deps-test install proto proto-check lint test test-fast bench bench-inference bench-image-libs bench-compositing bench-cluster models demo run clean
 
 install: $(VENV)/.installed
 
@@ -52,10 +52,13 @@ test-fast: install proto
 models: install
 	$(VENV)/bin/lipsync-models --out $(MODELS_DIR)
 
-bench: bench-inference bench-image-libs bench-compositing
+bench: bench-inference bench-image-libs bench-compositing bench-cluster
 
 bench-inference: install
 	$(PY) bench/bench_inference.py --models-dir $(MODELS_DIR) --out bench/results/inference.json
+
+bench-cluster: system-deps install
+	$(PY) bench/bench_cluster.py --models-dir $(MODELS_DIR) --out bench/results/cluster.json
 
 bench-image-libs: install
 	$(PY) bench/bench_image_libs.py --models-dir $(MODELS_DIR) --out bench/results/image_libs.json

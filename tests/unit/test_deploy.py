@@ -712,9 +712,8 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 CONFIGMAP_CHANGES = {
-    "inference.yaml": {"server.max_connection_age_seconds", "gpus.required"},
+    "inference.yaml": {"gpus.required"},
     "compositing.yaml": {
-        "server.max_connection_age_seconds",
         "server.composite_threads",
         "inference_server.url",
     },
