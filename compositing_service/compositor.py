@@ -57,15 +57,23 @@ class Compositor:
 
         return await self._map(one, jobs)
 
-    async def composite(self, prepared: Sequence[Prepared], mouths: np.ndarray) -> tuple[list[bytes], float]:
-        """JPEG frames in order, and the summed per-frame encode time in ms."""
+    async def composite(
+        self,
+        prepared: Sequence[Prepared],
+        mouths: np.ndarray,
+        output_format: str | None = None,
+        jpeg_quality: int | None = None,
+    ) -> tuple[list[bytes], float]:
+        """Encoded frames in order (the service's format and quality unless given), and the summed encode ms."""
+        fmt = output_format or self.output_format
+        quality = jpeg_quality or self.jpeg_quality
 
         def one(i: int) -> tuple[bytes, float]:
             item = prepared[i]
             frame = item.frame.copy()
             paste_back(frame, item.rect, item.crop328, mouths[i])
             started = time.perf_counter()
-            data = encode_image(frame, self.output_format, self.jpeg_quality)
+            data = encode_image(frame, fmt, quality)
             return data, (time.perf_counter() - started) * 1000.0
 
         results = await self._map(one, range(len(prepared)))

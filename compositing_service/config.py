@@ -67,6 +67,10 @@ class CompositingConfig:
     log_compositing_times: bool = False
     log_level: str = "INFO"
     grace_seconds: float = 10.0
+    session_max_batch_frames: int = 8
+    session_buffer_frames: int = 100
+    session_max_audio_ahead_s: float = 10.0
+    max_sessions: int = 32
     tune_malloc: bool = True
     # Clients re-resolve DNS when a connection ends: bounding a connection's age lets
     # new pods behind a headless Service get traffic. 0 = unbounded.
@@ -111,6 +115,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Compositi
     for key in root.unknown_keys(
         [
             "models_root",
+            "session",
             "server",
             "inference_server",
             "inference",
@@ -186,6 +191,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Compositi
             preload_backgrounds=avatar.bool("preload_backgrounds", False),
         )
 
+    session = root.section("session")
     logging_section = root.section("logging")
     cache_dir = root.str("frames_cache_dir", None)
     return CompositingConfig(
@@ -196,6 +202,10 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Compositi
         max_batch_size=server.int("max_batch_size", 64, minimum=1, maximum=4096),
         grace_seconds=server.float("grace_seconds", 10.0, minimum=0.0),
         tune_malloc=server.bool("tune_malloc", True),
+        session_max_batch_frames=session.int("max_batch_frames", 8, minimum=1, maximum=64),
+        session_buffer_frames=session.int("buffer_frames", 100, minimum=1, maximum=10_000),
+        session_max_audio_ahead_s=session.float("max_audio_ahead_seconds", 10.0, minimum=1.0),
+        max_sessions=session.int("max_sessions", 32, minimum=1),
         max_connection_age_s=server.float("max_connection_age_seconds", 0.0, minimum=0.0),
         composite_threads=server.int("composite_threads", 0, minimum=0, maximum=256),
         inference_targets=targets,

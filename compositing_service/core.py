@@ -103,6 +103,8 @@ class CompositingCore:
         visual_frames: np.ndarray | None = None,
         raw_audio: RawAudio | None = None,
         deadline: float | None = None,
+        output_format: str | None = None,
+        jpeg_quality: int | None = None,
     ) -> CompositeResult:
         started = time.perf_counter()
         if start_frame_idx < 0:
@@ -144,7 +146,7 @@ class CompositingCore:
             call_ms = (time.perf_counter() - call_started) * 1000.0
             inference_ms = mouths.inference_ms
             composite_started = time.perf_counter()
-            jpegs, encode_ms = await self.compositor.composite(prepared, mouths.mouths)
+            jpegs, encode_ms = await self.compositor.composite(prepared, mouths.mouths, output_format, jpeg_quality)
             composite_ms = (time.perf_counter() - composite_started) * 1000.0
             frames = batch_size
         finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
 import grpc
@@ -9,12 +11,17 @@ import numpy as np
 
 from inference_service.servicer import np_dtype, raw_audio_of
 from inference_service.tensors import frombuffer
-from service_common.grpc_glue import translate_errors
+from service_common.errors import InvalidArgument, ResourceExhausted, ServiceError
+from service_common.grpc_glue import RETRY_AFTER_KEY, translate_errors
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc as pb_grpc
+from shared_proto import inference_pb2
 
 from .avatars import AvatarEntry
 from .core import CompositingCore
+from .session import SessionOptions, StreamSession
+
+log = logging.getLogger(__name__)
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -23,7 +30,133 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-class CompositingServicer(pb_grpc.CompositingServiceServicer):
+def session_options(config: pb.SessionConfig, core: CompositingCore) -> SessionOptions:
+    encodings = {
+        inference_pb2.AUDIO_ENCODING_UNSPECIFIED: "s16le",
+        inference_pb2.AUDIO_PCM_S16LE: "s16le",
+        inference_pb2.AUDIO_FLOAT32: "f32le",
+    }
+    if config.audio_encoding not in encodings:
+        raise InvalidArgument(f"audio_encoding: expected AUDIO_PCM_S16LE or AUDIO_FLOAT32, got {config.audio_encoding}")
+    limit = core.config.session_max_batch_frames
+    if not 0 <= config.max_batch_frames <= limit:
+        raise InvalidArgument(
+            f"max_batch_frames: expected 0..{limit} (session.max_batch_frames), got {config.max_batch_frames}"
+        )
+    return SessionOptions(
+        model_id=config.model_id,
+        start_frame_idx=config.start_frame_idx,
+        fps=config.fps or 25.0,
+        output_format=config.output_format or core.config.output_format,
+        jpeg_quality=config.jpeg_quality or core.config.jpeg_quality,
+        encoding=encodings[config.audio_encoding],
+        sample_rate=config.sample_rate or 16000,
+        idle_frames=config.idle_frames,
+        drop_late_frames=config.drop_late_frames,
+        max_batch_frames=config.max_batch_frames or limit,
+    )
+
+
+class SessionServicerMixin:
+    """StreamSession: the request stream feeds a StreamSession; its frames are the response stream."""
+
+    core: CompositingCore
+    active_sessions: int = 0
+
+    async def StreamSession(self, request_iterator, context: grpc.aio.ServicerContext):
+        session = None
+        reader = None
+        counted = False
+        try:
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("message") != "config":
+                raise InvalidArgument("config: the first SessionRequest must carry SessionConfig")
+            if self.active_sessions >= self.core.config.max_sessions:
+                raise ResourceExhausted(
+                    f"sessions: {self.active_sessions} open on this replica (session.max_sessions); retry later",
+                    retry_after_ms=1000,
+                )
+            self.active_sessions += 1
+            counted = True
+            session = StreamSession(
+                self.core,
+                session_options(first.config, self.core),
+                buffer_frames=self.core.config.session_buffer_frames,
+                max_audio_ahead_s=self.core.config.session_max_audio_ahead_s,
+            )
+            await session.start()
+            height, width = session.avatar.frame_shape
+            yield pb.SessionResponse(
+                started=pb.SessionStarted(
+                    session_id=session.session_id,
+                    frame_width=width,
+                    frame_height=height,
+                    fps=session.options.fps,
+                    num_background_frames=session.avatar.num_frames,
+                )
+            )
+
+            async def read() -> None:
+                try:
+                    async for request in request_iterator:
+                        kind = request.WhichOneof("message")
+                        if kind == "audio":
+                            await session.feed(request.audio.data)
+                        elif kind == "control":
+                            if request.control.interrupt:
+                                session.interrupt()
+                            if request.control.end_of_input:
+                                session.end_of_input()
+                        else:
+                            raise InvalidArgument("config: SessionConfig may only be sent first")
+                    session.close_input()
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:
+                    session.fail(exc)
+
+            reader = asyncio.create_task(read())
+            async for frame in session.frames():
+                yield pb.SessionResponse(
+                    frame=pb.SessionFrame(
+                        frame_index=frame.frame_index,
+                        timestamp_s=frame.timestamp_s,
+                        image=frame.image,
+                        background_index=frame.background_index,
+                        speech=frame.speech,
+                        utterance=frame.utterance,
+                        utterance_frame=frame.utterance_frame,
+                    )
+                )
+            stats = session.stats
+            yield pb.SessionResponse(
+                ended=pb.SessionEnded(
+                    frames=stats.frames,
+                    speech_frames=stats.speech_frames,
+                    idle_frames=stats.idle_frames,
+                    dropped_frames=stats.dropped_frames,
+                    audio_seconds=stats.audio_samples / 16000,
+                )
+            )
+        except ServiceError as exc:
+            if exc.retry_after_ms is not None:
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
+            await context.abort(exc.code, exc.message)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            log.exception("StreamSession failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            if reader is not None:
+                reader.cancel()
+            if session is not None:
+                await session.close()
+            if counted:
+                self.active_sessions -= 1
+
+
+class CompositingServicer(SessionServicerMixin, pb_grpc.CompositingServiceServicer):
     def __init__(self, core: CompositingCore) -> None:
         self.core = core
 
@@ -156,4 +289,5 @@ class CompositingServicer(pb_grpc.CompositingServiceServicer):
             inference_mode=self.core.config.inference_mode,
             cache_bytes=self.core.cache.total_bytes,
             cache_max_bytes=self.core.config.background_cache_bytes,
+            active_sessions=self.active_sessions,
         )

@@ -148,7 +148,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("healthy", "inference_server_healthy", "loaded_models", "max_models", "version", "inference_server_url", "inference_mode", "cache_bytes", "cache_max_bytes")
+    __slots__ = ("healthy", "inference_server_healthy", "loaded_models", "max_models", "version", "inference_server_url", "inference_mode", "cache_bytes", "cache_max_bytes", "active_sessions")
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_SERVER_HEALTHY_FIELD_NUMBER: _ClassVar[int]
     LOADED_MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,7 @@ class HealthResponse(_message.Message):
     INFERENCE_MODE_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHE_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     healthy: bool
     inference_server_healthy: bool
     loaded_models: int
@@ -167,7 +168,8 @@ class HealthResponse(_message.Message):
     inference_mode: str
     cache_bytes: int
     cache_max_bytes: int
-    def __init__(self, healthy: _Optional[bool] = ..., inference_server_healthy: _Optional[bool] = ..., loaded_models: _Optional[int] = ..., max_models: _Optional[int] = ..., version: _Optional[str] = ..., inference_server_url: _Optional[str] = ..., inference_mode: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., cache_max_bytes: _Optional[int] = ...) -> None: ...
+    active_sessions: int
+    def __init__(self, healthy: _Optional[bool] = ..., inference_server_healthy: _Optional[bool] = ..., loaded_models: _Optional[int] = ..., max_models: _Optional[int] = ..., version: _Optional[str] = ..., inference_server_url: _Optional[str] = ..., inference_mode: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., cache_max_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model_id", "loaded", "model_path", "background_dir", "crop_rects_path", "stats", "num_frames", "frame_width", "frame_height")
@@ -220,3 +222,107 @@ class ModelStats(_message.Message):
     cache_evictions: int
     load_time_ms: float
     def __init__(self, usage_count: _Optional[int] = ..., last_used_unix_ms: _Optional[int] = ..., total_inference_time_ms: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., loaded_unix_ms: _Optional[int] = ..., total_frames: _Optional[int] = ..., mean_inference_time_ms: _Optional[float] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cached_frames: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_evictions: _Optional[int] = ..., load_time_ms: _Optional[float] = ...) -> None: ...
+
+class SessionRequest(_message.Message):
+    __slots__ = ("config", "audio", "control")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
+    config: SessionConfig
+    audio: AudioChunk
+    control: SessionControl
+    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., control: _Optional[_Union[SessionControl, _Mapping]] = ...) -> None: ...
+
+class SessionConfig(_message.Message):
+    __slots__ = ("model_id", "start_frame_idx", "fps", "output_format", "jpeg_quality", "audio_encoding", "sample_rate", "idle_frames", "drop_late_frames", "max_batch_frames")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FRAME_IDX_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    DROP_LATE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    start_frame_idx: int
+    fps: float
+    output_format: str
+    jpeg_quality: int
+    audio_encoding: _inference_pb2.AudioEncoding
+    sample_rate: int
+    idle_frames: bool
+    drop_late_frames: bool
+    max_batch_frames: int
+    def __init__(self, model_id: _Optional[str] = ..., start_frame_idx: _Optional[int] = ..., fps: _Optional[float] = ..., output_format: _Optional[str] = ..., jpeg_quality: _Optional[int] = ..., audio_encoding: _Optional[_Union[_inference_pb2.AudioEncoding, str]] = ..., sample_rate: _Optional[int] = ..., idle_frames: _Optional[bool] = ..., drop_late_frames: _Optional[bool] = ..., max_batch_frames: _Optional[int] = ...) -> None: ...
+
+class AudioChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class SessionControl(_message.Message):
+    __slots__ = ("end_of_input", "interrupt")
+    END_OF_INPUT_FIELD_NUMBER: _ClassVar[int]
+    INTERRUPT_FIELD_NUMBER: _ClassVar[int]
+    end_of_input: bool
+    interrupt: bool
+    def __init__(self, end_of_input: _Optional[bool] = ..., interrupt: _Optional[bool] = ...) -> None: ...
+
+class SessionResponse(_message.Message):
+    __slots__ = ("started", "frame", "ended")
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    started: SessionStarted
+    frame: SessionFrame
+    ended: SessionEnded
+    def __init__(self, started: _Optional[_Union[SessionStarted, _Mapping]] = ..., frame: _Optional[_Union[SessionFrame, _Mapping]] = ..., ended: _Optional[_Union[SessionEnded, _Mapping]] = ...) -> None: ...
+
+class SessionStarted(_message.Message):
+    __slots__ = ("session_id", "frame_width", "frame_height", "fps", "num_background_frames")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAME_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    FRAME_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BACKGROUND_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    frame_width: int
+    frame_height: int
+    fps: float
+    num_background_frames: int
+    def __init__(self, session_id: _Optional[str] = ..., frame_width: _Optional[int] = ..., frame_height: _Optional[int] = ..., fps: _Optional[float] = ..., num_background_frames: _Optional[int] = ...) -> None: ...
+
+class SessionFrame(_message.Message):
+    __slots__ = ("frame_index", "timestamp_s", "image", "background_index", "speech", "utterance", "utterance_frame")
+    FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_S_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_FIELD_NUMBER: _ClassVar[int]
+    UTTERANCE_FIELD_NUMBER: _ClassVar[int]
+    UTTERANCE_FRAME_FIELD_NUMBER: _ClassVar[int]
+    frame_index: int
+    timestamp_s: float
+    image: bytes
+    background_index: int
+    speech: bool
+    utterance: int
+    utterance_frame: int
+    def __init__(self, frame_index: _Optional[int] = ..., timestamp_s: _Optional[float] = ..., image: _Optional[bytes] = ..., background_index: _Optional[int] = ..., speech: _Optional[bool] = ..., utterance: _Optional[int] = ..., utterance_frame: _Optional[int] = ...) -> None: ...
+
+class SessionEnded(_message.Message):
+    __slots__ = ("frames", "speech_frames", "idle_frames", "dropped_frames", "audio_seconds")
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    frames: int
+    speech_frames: int
+    idle_frames: int
+    dropped_frames: int
+    audio_seconds: float
+    def __init__(self, frames: _Optional[int] = ..., speech_frames: _Optional[int] = ..., idle_frames: _Optional[int] = ..., dropped_frames: _Optional[int] = ..., audio_seconds: _Optional[float] = ...) -> None: ...

@@ -64,6 +64,11 @@ class CompositingServiceStub:
                 request_serializer=shared__proto_dot_compositing__pb2.HealthRequest.SerializeToString,
                 response_deserializer=shared__proto_dot_compositing__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.StreamSession = channel.stream_stream(
+                '/compositing.CompositingService/StreamSession',
+                request_serializer=shared__proto_dot_compositing__pb2.SessionRequest.SerializeToString,
+                response_deserializer=shared__proto_dot_compositing__pb2.SessionResponse.FromString,
+                _registered_method=True)
 
 
 class CompositingServiceServicer:
@@ -105,6 +110,15 @@ class CompositingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamSession(self, request_iterator, context):
+        """A real-time session: audio chunks in as they are produced, frames out in
+        order as soon as the audio each needs has arrived. The first request
+        carries SessionConfig.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CompositingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +151,11 @@ def add_CompositingServiceServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=shared__proto_dot_compositing__pb2.HealthRequest.FromString,
                     response_serializer=shared__proto_dot_compositing__pb2.HealthResponse.SerializeToString,
+            ),
+            'StreamSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamSession,
+                    request_deserializer=shared__proto_dot_compositing__pb2.SessionRequest.FromString,
+                    response_serializer=shared__proto_dot_compositing__pb2.SessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +320,33 @@ class CompositingService:
             '/compositing.CompositingService/Health',
             shared__proto_dot_compositing__pb2.HealthRequest.SerializeToString,
             shared__proto_dot_compositing__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/compositing.CompositingService/StreamSession',
+            shared__proto_dot_compositing__pb2.SessionRequest.SerializeToString,
+            shared__proto_dot_compositing__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
