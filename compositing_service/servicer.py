@@ -9,13 +9,12 @@ import time
 import grpc
 import numpy as np
 
-from inference_service.servicer import np_dtype, raw_audio_of
+from inference_service.servicer import audio_encoding_name, np_dtype, raw_audio_of
 from inference_service.tensors import frombuffer
-from service_common.errors import InvalidArgument, ResourceExhausted, ServiceError
-from service_common.grpc_glue import RETRY_AFTER_KEY, translate_errors
+from service_common.errors import InvalidArgument, ResourceExhausted
+from service_common.grpc_glue import abort_with, translate_errors
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc as pb_grpc
-from shared_proto import inference_pb2
 
 from .avatars import AvatarEntry
 from .core import CompositingCore
@@ -31,13 +30,6 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 
 def session_options(config: pb.SessionConfig, core: CompositingCore) -> SessionOptions:
-    encodings = {
-        inference_pb2.AUDIO_ENCODING_UNSPECIFIED: "s16le",
-        inference_pb2.AUDIO_PCM_S16LE: "s16le",
-        inference_pb2.AUDIO_FLOAT32: "f32le",
-    }
-    if config.audio_encoding not in encodings:
-        raise InvalidArgument(f"audio_encoding: expected AUDIO_PCM_S16LE or AUDIO_FLOAT32, got {config.audio_encoding}")
     limit = core.config.session_max_batch_frames
     if not 0 <= config.max_batch_frames <= limit:
         raise InvalidArgument(
@@ -49,7 +41,7 @@ def session_options(config: pb.SessionConfig, core: CompositingCore) -> SessionO
         fps=config.fps or 25.0,
         output_format=config.output_format or core.config.output_format,
         jpeg_quality=config.jpeg_quality or core.config.jpeg_quality,
-        encoding=encodings[config.audio_encoding],
+        encoding=audio_encoding_name(config.audio_encoding),
         sample_rate=config.sample_rate or 16000,
         idle_frames=config.idle_frames,
         drop_late_frames=config.drop_late_frames,
@@ -138,15 +130,10 @@ class SessionServicerMixin:
                     audio_seconds=stats.audio_samples / 16000,
                 )
             )
-        except ServiceError as exc:
-            if exc.retry_after_ms is not None:
-                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
-            await context.abort(exc.code, exc.message)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            log.exception("StreamSession failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            await abort_with(context, exc, "StreamSession")
         finally:
             if reader is not None:
                 reader.cancel()

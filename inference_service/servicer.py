@@ -29,17 +29,20 @@ def np_dtype(value: int, field: str) -> type:
 _ENCODINGS = {pb.AUDIO_ENCODING_UNSPECIFIED: "s16le", pb.AUDIO_PCM_S16LE: "s16le", pb.AUDIO_FLOAT32: "f32le"}
 
 
+def audio_encoding_name(value: int) -> str:
+    """The AudioEncoding enum (shared by both APIs) as RawAudio's encoding name."""
+    try:
+        return _ENCODINGS[value]
+    except KeyError:
+        raise InvalidArgument(f"audio_encoding: expected AUDIO_PCM_S16LE or AUDIO_FLOAT32, got {value}") from None
+
+
 def raw_audio_of(request: pb.InferBatchRequest) -> RawAudio | None:
     """The speech fields of InferBatchRequest or CompositeBatchRequest (same names and meaning)."""
     data = request.raw_audio
     if not data:
         return None
-    try:
-        encoding = _ENCODINGS[request.audio_encoding]
-    except KeyError:
-        raise InvalidArgument(
-            f"audio_encoding: expected AUDIO_PCM_S16LE or AUDIO_FLOAT32, got {request.audio_encoding}"
-        ) from None
+    encoding = audio_encoding_name(request.audio_encoding)
     return RawAudio(
         data=data,
         encoding=encoding,

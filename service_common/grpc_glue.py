@@ -32,18 +32,23 @@ def translate_errors(
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
             return await method(self, request, context)
-        except ServiceError as exc:
-            if exc.retry_after_ms is not None:
-                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
-            await context.abort(exc.code, exc.message)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            await abort_with(context, exc, method.__name__)
         raise AssertionError("unreachable")  # abort always raises
 
     return wrapper
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: Exception, name: str) -> None:
+    """End the call with ``exc``'s status (ServiceError) or INTERNAL (anything else, logged)."""
+    if isinstance(exc, ServiceError):
+        if exc.retry_after_ms is not None:
+            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
+        await context.abort(exc.code, exc.message)
+    log.exception("%s failed", name)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
 def server_options(max_message_bytes: int, max_connection_age_s: float = 0.0) -> list[tuple[str, Any]]:
