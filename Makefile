@@ -5,11 +5,12 @@ PY := $(VENV)/bin/python
 MODELS_DIR ?= models
 PROTOS := shared_proto/inference.proto shared_proto/compositing.proto
 
-# System packages: nginx (the load balancer of the local cluster), docker-compose (its config check in the tests).
+# System packages: nginx (the load balancer of the local cluster), docker-compose (its config check in the tests),
+# chromium (the browser viewer's end-to-end test, headless).
 RUN_PACKAGES := nginx-light
-TEST_PACKAGES := nginx-light docker-compose
+TEST_PACKAGES := nginx-light docker-compose chromium
 
-.PHONY: system-deps system-deps-test install proto proto-check lint test test-fast bench bench-inference bench-image-libs bench-compositing bench-cluster models demo run clean
+.PHONY: system-deps system-deps-test install proto proto-check lint test test-fast bench bench-inference bench-image-libs bench-compositing bench-cluster bench-stream models demo run clean
 
 install: $(VENV)/.installed
 
@@ -52,7 +53,7 @@ test-fast: install proto
 models: install
 	$(VENV)/bin/lipsync-models --out $(MODELS_DIR)
 
-bench: bench-inference bench-image-libs bench-compositing bench-cluster
+bench: bench-inference bench-image-libs bench-compositing bench-cluster bench-stream
 
 bench-inference: install
 	$(PY) bench/bench_inference.py --models-dir $(MODELS_DIR) --out bench/results/inference.json
@@ -65,6 +66,9 @@ bench-image-libs: install
 
 bench-compositing: install
 	$(PY) bench/bench_compositing.py --models-dir $(MODELS_DIR) --out bench/results/compositing.json
+
+bench-stream: install
+	$(PY) bench/bench_stream.py --models-dir $(MODELS_DIR) --out bench/results/stream.json
 
 # Set-up and the main job in one command: system packages, install, models, the local cluster
 # (inference, 2 compositing replicas, nginx), speech -> out/demo.mp4 through the load balancer.

@@ -169,6 +169,7 @@ class StreamSession:
         self._wake = asyncio.Event()
         self._room = asyncio.Condition()
         self._drained = asyncio.Condition()
+        self._batch_added = asyncio.Event()  # wakes the emitter without polling
         self._utterance: _Utterance | None = None
         self._utterances = 0
         self._next_session_frame = 0
@@ -337,6 +338,7 @@ class StreamSession:
                     count = min(ready, self.options.max_batch_frames)
                     raw = self._raw_audio(u, u.next_frame, count)
                     self._batches.append(asyncio.create_task(self._batch(u, u.next_frame, count, raw)))
+                    self._batch_added.set()
                     u.next_frame += count
                     u.trim(self._keep_from(u))
                     async with self._room:
@@ -401,7 +403,8 @@ class StreamSession:
         try:
             while True:
                 if not self._batches:
-                    await asyncio.sleep(0.002)
+                    self._batch_added.clear()
+                    await self._batch_added.wait()
                     continue
                 head = self._batches[0]
                 epoch = self._epoch

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -17,6 +18,9 @@ from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc, inference_pb2
 
 from .media import MediaError, Mp4Writer, read_speech
+
+if TYPE_CHECKING:
+    from .session import LipsyncSession, StreamResult
 
 MAX_MESSAGE = 256 * 1024 * 1024
 
@@ -101,6 +105,37 @@ class LipsyncClient:
 
     def models(self) -> list[pb.ModelInfo]:
         return list(self._call(self.stub.ListModels, pb.ListModelsRequest(), timeout=30).models)
+
+    def session(
+        self,
+        model: str,
+        *,
+        start_frame: int = 0,
+        idle_frames: bool = False,
+        drop_late_frames: bool = False,
+        jpeg_quality: int = 0,
+        max_batch_frames: int = 0,
+        **options: Any,
+    ) -> LipsyncSession:
+        """A real-time session (``StreamSession``): see ``lipsync_client.session.LipsyncSession``."""
+        from .session import LipsyncSession
+
+        return LipsyncSession(
+            self,
+            model,
+            start_frame=start_frame,
+            idle_frames=idle_frames,
+            drop_late_frames=drop_late_frames,
+            jpeg_quality=jpeg_quality,
+            max_batch_frames=max_batch_frames,
+            **options,
+        )
+
+    def stream(self, model: str, audio: str | Path | np.ndarray, **options: Any) -> StreamResult:
+        """Speech through a session as a live source would: see ``lipsync_client.session.stream``."""
+        from .session import stream
+
+        return stream(self, model, audio, **options)
 
     def render(
         self,

@@ -1,8 +1,9 @@
-"""``lipsync-client``: render speech to a lip-synced MP4, and look at a server."""
+"""``lipsync-client``: render speech to a lip-synced MP4, stream it through a real-time session, look at a server."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--start-frame", type=int, default=0, help="first background frame of the avatar")
     render.add_argument("--timeout", type=float, default=120.0, help="deadline of each batch, seconds")
     render.add_argument("--no-progress", action="store_true")
+    stream = sub.add_parser(
+        "stream", help="feed a speech file through a real-time session, as a live source would, into a video"
+    )
+    stream.add_argument("--server", required=True, help="HOST:PORT of the compositing service or load balancer")
+    stream.add_argument("--model", required=True, help="avatar / model id")
+    stream.add_argument("--audio", required=True, type=Path, help="WAV, FLAC, MP3, ... at any rate")
+    stream.add_argument("--out", required=True, type=Path, help="MP4 to write (H.264, 25 fps, speech muxed in)")
+    stream.add_argument("--frames-dir", type=Path, help="also write the JPEG frames here")
+    stream.add_argument("--realtime", action="store_true", help="send each chunk when a live source would have it")
+    stream.add_argument("--chunk-ms", type=float, default=40.0, help="audio per AudioChunk, ms (default 40)")
+    stream.add_argument("--stats-json", type=Path, help="write the latency figures here")
+    stream.add_argument("--start-frame", type=int, default=0, help="first background frame of the avatar")
+    stream.add_argument("--no-progress", action="store_true")
     for name, text in (("health", "the server's health"), ("models", "the avatars it serves")):
         command = sub.add_parser(name, help=text)
         command.add_argument("--server", required=True)
@@ -68,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{info.model_id:20s} {state:11s} {size:28s} {info.background_dir}")
                 return 0
             progress = ProgressBar(sys.stderr.isatty() and not args.no_progress)
+            if args.command == "stream":
+                return stream(client, args, progress)
             result = client.render(
                 args.model,
                 args.audio,
@@ -83,6 +99,31 @@ def main(argv: list[str] | None = None) -> int:
     except LipsyncError as exc:
         print(f"lipsync-client: error: {exc}", file=sys.stderr)
         return 1
+
+
+def stream(client: LipsyncClient, args: argparse.Namespace, progress: ProgressBar) -> int:
+    if args.stats_json is not None and args.stats_json.is_dir():
+        raise LipsyncError(f"--stats-json: {args.stats_json} is a folder")
+    result = client.stream(
+        args.model,
+        args.audio,
+        out=args.out,
+        frames_dir=args.frames_dir,
+        realtime=args.realtime,
+        chunk_ms=args.chunk_ms,
+        start_frame=args.start_frame,
+        progress=progress,
+    )
+    print(result.summary())
+    if args.stats_json is not None:
+        stats = {"server": args.server, "model": args.model, "audio": str(args.audio), **result.stats()}
+        try:
+            args.stats_json.parent.mkdir(parents=True, exist_ok=True)
+            args.stats_json.write_text(json.dumps(stats, indent=2) + "\n")
+        except OSError as exc:
+            raise LipsyncError(f"--stats-json: {exc}") from None
+        print(f"stats            {args.stats_json}")
+    return 0
 
 
 if __name__ == "__main__":
