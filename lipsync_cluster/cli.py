@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--inference-servers", type=int, default=1, help="inference servers (round_robin from replicas)")
     up.add_argument("--models-dir", type=Path, default=Path("models"))
     up.add_argument("--port", type=int, default=8080, help="public port (nginx)")
+    up.add_argument(
+        "--gateway-port", type=int, help="also serve the browser viewer (lipsync-gateway) on this port, e.g. 8090"
+    )
     up.add_argument("--detach", action="store_true", help="return once healthy; stop later with `down`")
     up.add_argument("--set-inference", action="append", default=[], metavar="KEY=VALUE")
     up.add_argument("--set-compositing", action="append", default=[], metavar="KEY=VALUE")
@@ -47,9 +50,13 @@ def run_foreground(args: argparse.Namespace, ready: Path | None = None) -> int:
         inference_servers=args.inference_servers,
         inference_overrides=args.set_inference,
         compositing_overrides=args.set_compositing,
+        gateway_port=args.gateway_port,
     )
     if spec.replicas < 1 or spec.inference_servers < 1:
         print("lipsync-cluster: --replicas and --inference-servers must be >= 1", file=sys.stderr)
+        return 2
+    if spec.gateway_port is not None and not 0 < spec.gateway_port < 65536:
+        print("lipsync-cluster: --gateway-port must be a port number (1-65535)", file=sys.stderr)
         return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -62,10 +69,13 @@ def run_foreground(args: argparse.Namespace, ready: Path | None = None) -> int:
         return 1
     try:
         if ready is not None:
-            ready.write_text(json.dumps({"supervisor_pid": os.getpid(), "address": cluster.address}))
+            ready.write_text(
+                json.dumps({"supervisor_pid": os.getpid(), "address": cluster.address, "gateway": cluster.gateway_url})
+            )
+        viewer = f"; browser viewer on {cluster.gateway_url}" if cluster.gateway_url else ""
         print(
             f"lipsync cluster serving on {cluster.address}: {len(cluster.inference)} inference, "
-            f"{len(cluster.replicas)} compositing replicas behind nginx (Ctrl-C to stop)",
+            f"{len(cluster.replicas)} compositing replicas behind nginx{viewer} (Ctrl-C to stop)",
             flush=True,
         )
         reported: set[str] = set()
@@ -106,6 +116,8 @@ def up_detached(args: argparse.Namespace) -> int:
         "--state",
         str(state),
     ]
+    if args.gateway_port is not None:
+        argv += ["--gateway-port", str(args.gateway_port)]
     for item in args.set_inference:
         argv += ["--set-inference", item]
     for item in args.set_compositing:
@@ -116,8 +128,9 @@ def up_detached(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if state.exists():
+            viewer = f", browser viewer on http://127.0.0.1:{args.gateway_port}/" if args.gateway_port else ""
             print(
-                f"lipsync cluster serving on 127.0.0.1:{args.port} (stop with `lipsync-cluster down --port "
+                f"lipsync cluster serving on 127.0.0.1:{args.port}{viewer} (stop with `lipsync-cluster down --port "
                 f"{args.port}`)"
             )
             return 0

@@ -1,4 +1,4 @@
-"""Start, watch and stop the local cluster: inference servers, compositing replicas, nginx.
+"""Start, watch and stop the local cluster: inference servers, compositing replicas, nginx (and the browser gateway).
 
 Everything listens on loopback, on free ports except the public one; every
 part is a child process started from its console script, with its log and the
@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service_common.processes import ServiceProcess, free_port, wait_serving
+from service_common.processes import ServiceProcess, free_port, wait_http, wait_serving
 
 from . import nginx
 
@@ -40,6 +40,9 @@ class ClusterSpec:
     inference_overrides: list[str] = field(default_factory=list)
     compositing_overrides: list[str] = field(default_factory=list)
     startup_timeout: float = 180.0
+    # The browser viewer (lipsync-gateway) on this public port, in front of nginx; None: no gateway.
+    gateway_port: int | None = None
+    gateway_args: list[str] = field(default_factory=list)  # more lipsync-gateway options, e.g. --sample-clip FILE
 
 
 @dataclass
@@ -60,11 +63,17 @@ class Cluster:
         self.inference: list[Part] = []
         self.replicas: list[Part] = []
         self.nginx: Part | None = None
+        self.gateway: Part | None = None
         self.bin_dir = Path(sys.executable).parent
 
     @property
     def address(self) -> str:
         return f"{self.spec.host}:{self.spec.port}"
+
+    @property
+    def gateway_url(self) -> str | None:
+        """The viewer's address (``http://HOST:PORT/``) when the cluster has a gateway."""
+        return None if self.spec.gateway_port is None else f"http://{self.spec.host}:{self.spec.gateway_port}/"
 
     def _start(self, name: str, argv: list[str], port: int, timeout: float) -> Part:
         log.info("starting %s on 127.0.0.1:%d", name, port)
@@ -118,6 +127,8 @@ class Cluster:
                     argv += ["--set", override]
                 self.replicas.append(self._start(f"compositing {i + 1}", argv, port, self.spec.startup_timeout))
             self._start_nginx(binary)
+            if self.spec.gateway_port is not None:
+                self._start_gateway()
         except BaseException:
             self.stop()
             raise
@@ -141,8 +152,32 @@ class Cluster:
             output = (self.workdir / "nginx.log").read_text(errors="replace")[-1500:]
             raise ClusterError(f"nginx failed to start on {self.address}: {exc}\n{output}{errors}") from None
 
+    def _start_gateway(self) -> None:
+        port = self.spec.gateway_port
+        assert port is not None
+        argv = [
+            str(self.bin_dir / "lipsync-gateway"),
+            "--host",
+            self.spec.host,
+            "--port",
+            str(port),
+            "--server",
+            self.address,
+            *self.spec.gateway_args,
+        ]
+        log.info("starting gateway on %s:%d", self.spec.host, port)
+        log_path = self.workdir / "gateway.log"
+        process = ServiceProcess(argv, port, log_path)
+        self.gateway = Part("gateway", process)
+        try:
+            wait_http(f"{self.gateway_url}healthz", 60, process.process)
+        except (RuntimeError, TimeoutError) as exc:
+            output = log_path.read_text(errors="replace")[-2000:]
+            raise ClusterError(f"gateway failed to start on {self.spec.host}:{port}: {exc}\n{output}") from None
+
     def parts(self) -> list[Part]:
-        return [*self.inference, *self.replicas, *([self.nginx] if self.nginx else [])]
+        optional = [part for part in (self.nginx, self.gateway) if part is not None]
+        return [*self.inference, *self.replicas, *optional]
 
     def _write_state(self) -> None:
         state = {
@@ -157,11 +192,11 @@ class Cluster:
         return [part.name for part in self.parts() if part.process.process.poll() is not None]
 
     def stop(self) -> None:
-        """nginx first (no new calls), then the replicas, then inference; then the private folder."""
+        """The gateway and nginx first (no new calls), then the replicas, then inference; then the private folder."""
         for part in reversed(self.parts()):
             code = part.process.stop(timeout=30)
             log.info("stopped %s (exit %s)", part.name, code)
-        self.inference, self.replicas, self.nginx = [], [], None
+        self.inference, self.replicas, self.nginx, self.gateway = [], [], None, None
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -12,6 +12,8 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,6 +45,27 @@ def wait_serving(address: str, timeout: float = 60.0, process: subprocess.Popen 
                 last_error = exc.code().name
             time.sleep(0.1)
     raise TimeoutError(f"{address} not SERVING after {timeout:.0f} s (last: {last_error})")
+
+
+def wait_http(url: str, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
+    """Block until ``url`` answers 200 (an HTTP service's health check); fail early if ``process`` exits."""
+    deadline = time.monotonic() + timeout
+    last_error = "no answer"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with code {process.returncode} before answering {url}")
+        try:
+            with opener.open(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+                last_error = f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            last_error = f"HTTP {exc.code}"
+        except (OSError, ValueError) as exc:
+            last_error = str(getattr(exc, "reason", exc))
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer 200 after {timeout:.0f} s (last: {last_error})")
 
 
 class ServiceProcess:
