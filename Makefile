@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 MODELS_DIR ?= models
 PROTOS := shared_proto/inference.proto shared_proto/compositing.proto
 
-# System packages: nginx (the load balancer of the local cluster), docker-compose (its config check in the tests).
+# System packages: nginx (the load balancer of the local cluster), docker-compose (its config check in the tests),
+# chromium (the browser viewer's end-to-end test).
 RUN_PACKAGES := nginx-light
-TEST_PACKAGES := nginx-light docker-compose
+TEST_PACKAGES := nginx-light docker-compose chromium
 
 .PHONY: system-deps system-deps-test install proto proto-check lint test test-fast bench bench-inference bench-image-libs bench-compositing bench-cluster bench-stream models demo run clean
 

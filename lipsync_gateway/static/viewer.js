@@ -294,6 +294,7 @@
           run.shown += 1;
           run.shownIndex = frame.index;
           ui.canvas.dataset.framesShown = String(run.shown);
+          ui.canvas.dataset.shownT = String(frame.t); // the timestamp on screen, for tests and tools
         }
         bitmap.close();
       })
@@ -343,6 +344,8 @@
     ui.ahead.textContent = `${Math.max(0, run.received ? run.lastT - t : 0).toFixed(1)} s`;
     ui.clock.textContent = run.clock ? run.clock.label : "–";
     ui.time.textContent = `${t.toFixed(2)} s`;
+    ui.canvas.dataset.clockT = t.toFixed(3);
+    ui.canvas.dataset.clock = run.clock ? run.clock.label : "";
     if (!run.finished) requestAnimationFrame(tick);
   }
 
