@@ -15,6 +15,7 @@ import numpy as np
 
 from service_common.config_source import valid_model_id
 from service_common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from service_common.metrics import NullEvents
 from service_common.usage import Usage, UsageClock, lfu_order
 
 from .cache import BackgroundCache
@@ -91,6 +92,7 @@ class AvatarRegistry:
         self._load_lock = threading.Lock()
         self._usage = UsageClock(self._lock)
         self.evictions = 0
+        self.events = NullEvents()  # the server sets its metrics here
 
     def spec(self, model_id: str) -> AvatarConfig:
         if not valid_model_id(model_id):
@@ -118,11 +120,16 @@ class AvatarRegistry:
             if current is not None and not force_reload:
                 return current, False
             started = time.perf_counter()
-            avatar = open_avatar(spec, self.config)
-            if spec.preload_backgrounds:
-                for index in range(avatar.num_frames)[: self.config.background_cache_frames]:
-                    self.cache.get(model_id, index, avatar.read_frame)
+            try:
+                avatar = open_avatar(spec, self.config)
+                if spec.preload_backgrounds:
+                    for index in range(avatar.num_frames)[: self.config.background_cache_frames]:
+                        self.cache.get(model_id, index, avatar.read_frame)
+            except BaseException:
+                self.events.model_load_failed(model_id)
+                raise
             load_ms = (time.perf_counter() - started) * 1000.0
+            self.events.model_loaded(model_id, load_ms / 1000.0)
             with self._lock:
                 others = [e for mid, e in self._entries.items() if mid != model_id]
                 excess = len(others) + 1 - self.config.max_models
@@ -142,6 +149,7 @@ class AvatarRegistry:
                 self._entries[model_id] = entry
             for victim in victims:
                 self.cache.drop(victim.avatar.model_id)
+                self.events.model_evicted(victim.avatar.model_id)
                 log.info("evicted avatar %s", victim.avatar.model_id)
             if current is not None:
                 self.cache.drop(model_id)

@@ -5,7 +5,9 @@ Validated at start; an invalid value raises ConfigError naming its dotted key.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +22,8 @@ from service_common.config_source import (
     resolve_under,
     valid_model_id,
 )
+from service_common.serving_config import ServingConfig, parse_client_tls, parse_serving
+from service_common.tls import ClientTls
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,10 @@ class CompositingConfig:
     # Clients re-resolve DNS when a connection ends: bounding a connection's age lets
     # new pods behind a headless Service get traffic. 0 = unbounded.
     max_connection_age_s: float = 0.0
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    # The hop to inference: TLS (None: plain text, which must be configured), and a token for its auth.
+    inference_tls: ClientTls | None = None
+    inference_token: str = ""
 
     @property
     def max_message_bytes(self) -> int:
@@ -110,6 +118,29 @@ def parse_targets(value: Any, key: str) -> tuple[str, ...]:
     return targets
 
 
+def inference_token(remote: Section, base: Path) -> str:
+    """``inference_server.token_env`` (a variable's name) or ``token_file``: the token sent to an inference
+    service that has auth enabled (it must be an admin token for LoadModel and UnloadModel to pass through)."""
+    env_name = remote.str("token_env", "") or ""
+    if env_name:
+        value = os.environ.get(env_name, "").strip()
+        if not value:
+            raise ConfigError(f"inference_server.token_env: the environment variable {env_name} is empty or unset")
+        return value
+    path = remote.str("token_file", "") or ""
+    if path:
+        file = Path(path).expanduser()
+        file = file if file.is_absolute() else base / file
+        try:
+            value = file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"inference_server.token_file: cannot read {file} ({exc.strerror})") from None
+        if not value:
+            raise ConfigError(f"inference_server.token_file: {file} is empty")
+        return value
+    return ""
+
+
 def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> CompositingConfig:
     root = Section(raw)
     for key in root.unknown_keys(
@@ -125,6 +156,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Compositi
             "logging",
             "warmup",
             "frames_cache_dir",
+            "auth",
+            "metrics",
         ]
     ):
         log.warning("config: unknown key %s ignored", key)
@@ -194,7 +227,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Compositi
     session = root.section("session")
     logging_section = root.section("logging")
     cache_dir = root.str("frames_cache_dir", None)
-    return CompositingConfig(
+    config = CompositingConfig(
         models_root=models_root,
         host=host,
         port=port,
@@ -227,4 +260,20 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Compositi
         log_inference_times=logging_section.bool("log_inference_times", False),
         log_compositing_times=logging_section.bool("log_compositing_times", False),
         log_level=logging_section.str("level", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]) or "INFO",
+    )
+    # How to serve and how to reach inference last, so a config's other mistakes are named first.
+    inference_tls = parse_client_tls(remote, base)
+    plaintext = remote.bool("plaintext", False)
+    if mode == "remote" and inference_tls is None and not plaintext:
+        raise ConfigError(
+            "inference_server.tls: no TLS configured for the hop to inference; set inference_server.tls.ca_file "
+            "(and cert_file/key_file for mutual TLS), or inference_server.plaintext: true (see docs/operations.md)"
+        )
+    if inference_tls is not None and plaintext:
+        raise ConfigError("inference_server.plaintext: true conflicts with inference_server.tls; choose one")
+    return dataclasses.replace(
+        config,
+        serving=parse_serving(root, base, host, default_metrics_port=9092),
+        inference_tls=inference_tls,
+        inference_token=inference_token(remote, base),
     )

@@ -13,6 +13,7 @@ import numpy as np
 from inference_service.audio import RawAudio
 from inference_service.tensors import audio_windows, batch_of
 from service_common.errors import InvalidArgument
+from service_common.metrics import ServiceMetrics
 
 from . import __version__
 from .avatars import Avatar, AvatarEntry, AvatarRegistry
@@ -57,6 +58,7 @@ class CompositingCore:
         self.backend = backend or make_backend(config)
         self.compositor = Compositor(config.composite_threads, config.output_format, config.jpeg_quality)
         self.version = __version__
+        self.metrics: ServiceMetrics | None = None  # set by the server: every batch (unary or session) is counted
 
     async def start(self) -> None:
         """Open the inference channels, preload avatars, and warm the path up (failures only logged)."""
@@ -152,6 +154,21 @@ class CompositingCore:
         finally:
             self.avatars.release(entry, frames, inference_ms)
         total_ms = (time.perf_counter() - started) * 1000.0
+        if self.metrics is not None:
+            self.metrics.batch_done(
+                model_id,
+                batch_size,
+                {
+                    "prepare": prepare_ms,
+                    "inference_call": call_ms,
+                    "queue": mouths.queue_ms,
+                    "audio": mouths.audio_ms,
+                    "inference": inference_ms,
+                    "compositing": composite_ms,  # wall: paste-back and encode of the batch, frames in parallel
+                    "encode": encode_ms,  # JPEG encoding summed over the frames
+                    "total": total_ms,
+                },
+            )
         if self.config.log_inference_times or self.config.log_compositing_times:
             log.info(
                 "%s: %d frames from %d: prepare %.1f ms, inference %.1f ms (call %.1f), composite %.1f ms, "

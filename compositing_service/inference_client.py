@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 
 from inference_service.audio import RawAudio
-from service_common import errors
+from service_common import errors, request_log, tls
 from shared_proto import inference_pb2 as pb
 from shared_proto import inference_pb2_grpc as pb_grpc
 
@@ -35,6 +35,7 @@ from .config import CompositingConfig
 log = logging.getLogger(__name__)
 
 MOUTH_SHAPE = (3, 320, 320)
+DOWN_COOLDOWN_S = 1.0  # a target that answered UNAVAILABLE is tried last for this long
 _CODES = {
     cls.code: cls
     for cls in (
@@ -81,8 +82,10 @@ def channel_options(config: CompositingConfig, target: str) -> list[tuple[str, o
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # A restarted inference server is found again within about a second.
         ("grpc.initial_reconnect_backoff_ms", 200),
-        ("grpc.max_reconnect_backoff_ms", 2_000),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
         ("grpc.enable_retries", 0),  # retries are ours, with the request's deadline in mind
     ]
     if target.startswith("dns:"):
@@ -103,12 +106,39 @@ class RemoteInference:
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[pb_grpc.InferenceServiceStub] = []
         self._next = itertools.count()
+        self._down_until: list[float] = []  # per target: monotonic time until which it is passed over
 
     async def start(self) -> None:
         for target in self.targets:
-            channel = grpc.aio.insecure_channel(target, options=channel_options(self.config, target))
+            try:
+                channel = tls.aio_channel(target, self.config.inference_tls, channel_options(self.config, target))
+            except tls.TlsError as exc:
+                raise RuntimeError(str(exc).replace("tls.", "inference_server.tls.")) from None
             self._channels.append(channel)
             self._stubs.append(pb_grpc.InferenceServiceStub(channel))
+            self._down_until.append(0.0)
+
+    def _pick(self, tried: set[int]) -> int:
+        """Round robin over the targets this call has not tried, preferring ones not seen down lately."""
+        count = len(self._stubs)
+        start = next(self._next)
+        now = time.monotonic()
+        order = [(start + k) % count for k in range(count)]
+        for candidates in (
+            [i for i in order if i not in tried and self._down_until[i] <= now],
+            [i for i in order if i not in tried],
+            order,
+        ):
+            if candidates:
+                return candidates[0]
+        raise AssertionError("no inference targets")  # pragma: no cover - start() makes at least one
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        """The request id passed on (one id across both services' logs), and our token when inference wants one."""
+        metadata = request_log.outgoing_metadata()
+        if self.config.inference_token:
+            metadata.append(("authorization", f"Bearer {self.config.inference_token}"))
+        return metadata
 
     def _timeout(self, deadline: float | None) -> float:
         timeout = self.config.inference_timeout_s
@@ -122,20 +152,34 @@ class RemoteInference:
     async def _call(self, method: str, request: object, deadline: float | None) -> object:
         """One RPC with per-attempt deadlines and retries of UNAVAILABLE on the next target."""
         attempts = self.config.inference_max_retries + 1
-        last: grpc.aio.AioRpcError | None = None
+        last: grpc.aio.AioRpcError | None = None  # the last UNAVAILABLE
+        attempt = 0
+        tried: set[int] = set()
         for attempt in range(attempts):
-            index = next(self._next) % len(self._stubs)
+            index = self._pick(tried)
+            tried.add(index)
             target = self.targets[index]
             try:
-                return await getattr(self._stubs[index], method)(request, timeout=self._timeout(deadline))
+                timeout = self._timeout(deadline)
+            except errors.DeadlineExceeded:
+                if last is not None:
+                    break  # out of time while inference was unreachable: say why
+                raise
+            try:
+                return await getattr(self._stubs[index], method)(request, timeout=timeout, metadata=self._metadata())
             except grpc.aio.AioRpcError as exc:
-                last = exc
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    if deadline is not None and last is not None and deadline - time.monotonic() <= 0.01:
+                        break  # the deadline ran out on a retry after UNAVAILABLE: report the cause
                     raise errors.DeadlineExceeded(
                         f"inference service ({target}): no answer within the deadline"
                     ) from None
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise to_service_error(exc, target) from None
+                last = exc
+                self._down_until[index] = time.monotonic() + DOWN_COOLDOWN_S
+                if len(tried) < len(self._stubs):
+                    continue  # another target may be up: no backoff before trying it
                 if attempt + 1 < attempts:
                     delay = min(self.config.inference_retry_backoff_s * (2**attempt), 2.0)
                     if deadline is not None:
@@ -151,7 +195,7 @@ class RemoteInference:
                     await asyncio.sleep(delay)
         assert last is not None
         raise errors.Unavailable(
-            f"inference service unreachable at {self.description} after {attempts} attempts: {last.details()}",
+            f"inference service unreachable at {self.description} after {attempt + 1} attempts: {last.details()}",
             retry_after_ms=1000,
         )
 
@@ -200,7 +244,7 @@ class RemoteInference:
         """True when any target answers Health within a second."""
         for stub in self._stubs:
             try:
-                if (await stub.Health(pb.HealthRequest(), timeout=1.0)).healthy:
+                if (await stub.Health(pb.HealthRequest(), timeout=1.0, metadata=self._metadata())).healthy:
                     return True
             except grpc.aio.AioRpcError:
                 continue
@@ -212,6 +256,7 @@ class RemoteInference:
                 await stub.LoadModel(
                     pb.LoadModelRequest(model_id=model_id, force_reload=force_reload),
                     timeout=max(self.config.inference_timeout_s, 60.0),
+                    metadata=self._metadata(),
                 )
             except grpc.aio.AioRpcError as exc:
                 raise to_service_error(exc, self.targets[index]) from None
@@ -220,7 +265,9 @@ class RemoteInference:
         for index, stub in enumerate(self._stubs):
             try:
                 await stub.UnloadModel(
-                    pb.UnloadModelRequest(model_id=model_id), timeout=self.config.inference_timeout_s
+                    pb.UnloadModelRequest(model_id=model_id),
+                    timeout=self.config.inference_timeout_s,
+                    metadata=self._metadata(),
                 )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
@@ -242,7 +289,7 @@ class InProcessInference:
         # The engine shares this process's cores with compositing, where ORT's spinning threads cost
         # throughput (bench/README.md); the environment is this service's, so it is not applied here.
         overrides = ["onnx.allow_spinning=false", *config.inference_overrides]
-        self.core = InferenceCore(load_inference_config(config.inference_config, overrides, environ={}))
+        self.core = InferenceCore(load_inference_config(config.inference_config, overrides, environ={}, serving=False))
         self.description = f"in-process ({config.inference_config.name})"
 
     async def start(self) -> None:

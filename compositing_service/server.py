@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Iterable
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from service_common.cli import overrides_from, parser_for, run_server
-from service_common.serving import RunningServer, serve_until_signal, start_grpc_server
+from service_common.metrics import ServiceMetrics
+from service_common.serving import RunningServer, build_policy, serve_until_signal, start_grpc_server
 from shared_proto import compositing_pb2, compositing_pb2_grpc
 
 from .config import CompositingConfig, load_config
@@ -18,14 +22,44 @@ log = logging.getLogger("compositing_service")
 
 SERVICE_NAME = compositing_pb2.DESCRIPTOR.services_by_name["CompositingService"].full_name
 HEALTH_INTERVAL_S = 2.0
+HEAVY_METHODS = ("InferBatchComposite",)
 
 
-async def watch_inference(core: CompositingCore, running: RunningServer) -> None:
+def core_metrics(core: CompositingCore, servicer: CompositingServicer, state: dict) -> Iterable[Metric]:
+    """Read at scrape time: the background cache per avatar, avatars, sessions, inference reachability."""
+    hits = CounterMetricFamily("lipsync_cache_hits", "Background frame cache hits.", labels=["model"])
+    misses = CounterMetricFamily("lipsync_cache_misses", "Background frame cache misses.", labels=["model"])
+    evictions = CounterMetricFamily("lipsync_cache_evictions", "Background frames evicted.", labels=["model"])
+    frames = GaugeMetricFamily("lipsync_cache_frames", "Background frames cached.", labels=["model"])
+    per_model = GaugeMetricFamily("lipsync_cache_model_bytes", "Bytes of background frames cached.", labels=["model"])
+    for model_id in sorted(core.config.models):
+        stats = core.cache.stats(model_id)
+        hits.add_metric([model_id], stats.hits)
+        misses.add_metric([model_id], stats.misses)
+        evictions.add_metric([model_id], stats.evictions)
+        frames.add_metric([model_id], stats.frames)
+        per_model.add_metric([model_id], stats.bytes)
+    total = GaugeMetricFamily("lipsync_cache_bytes", "Bytes of background frames cached in all.")
+    total.add_metric([], core.cache.total_bytes)
+    limit = GaugeMetricFamily("lipsync_cache_max_bytes", "The cache's bound (capacity.background_cache_mb).")
+    limit.add_metric([], core.config.background_cache_bytes)
+    avatars = GaugeMetricFamily("lipsync_loaded_models", "Avatars loaded.")
+    avatars.add_metric([], len(core.avatars.entries()))
+    sessions = GaugeMetricFamily("lipsync_sessions_active", "Streaming sessions open now.")
+    sessions.add_metric([], servicer.active_sessions)
+    reachable = GaugeMetricFamily("lipsync_inference_reachable", "1 while the inference service answers Health.")
+    reachable.add_metric([], 1 if state.get("inference_ok", True) else 0)
+    return [hits, misses, evictions, frames, per_model, total, limit, avatars, sessions, reachable]
+
+
+async def watch_inference(core: CompositingCore, running: RunningServer, state: dict | None = None) -> None:
     """Keep grpc.health.v1 in step with the inference service's reachability (a replica without
     inference is NOT_SERVING, so a load balancer or Kubernetes sends traffic elsewhere)."""
     serving = True
+    state = {} if state is None else state
     while True:
         healthy = await core.backend.healthy()
+        state["inference_ok"] = healthy
         if healthy != serving:
             log.warning("inference service %s: %s", core.backend.description, "reachable" if healthy else "unreachable")
             await running.set_serving(healthy)
@@ -35,6 +69,13 @@ async def watch_inference(core: CompositingCore, running: RunningServer) -> None
 
 async def start_server(config: CompositingConfig, core: CompositingCore | None = None) -> RunningServer:
     core = core or CompositingCore(config)
+    metrics = ServiceMetrics("compositing", core.version)
+    servicer = CompositingServicer(core)
+    state: dict = {}
+    metrics.add_collector(lambda: core_metrics(core, servicer, state))
+    core.metrics = metrics
+    core.avatars.events = metrics
+    policy = build_policy("compositing", config.serving, metrics, HEAVY_METHODS)
     await core.start()
     watcher: asyncio.Task | None = None
 
@@ -47,17 +88,21 @@ async def start_server(config: CompositingConfig, core: CompositingCore | None =
         host=config.host,
         port=config.port,
         max_message_bytes=config.max_message_bytes,
-        register=lambda server: compositing_pb2_grpc.add_CompositingServiceServicer_to_server(
-            CompositingServicer(core), server
-        ),
+        register=lambda server: compositing_pb2_grpc.add_CompositingServiceServicer_to_server(servicer, server),
         service_names=[SERVICE_NAME],
         grace_seconds=config.grace_seconds,
         on_stop=on_stop,
         max_connection_age_s=config.max_connection_age_s,
+        serving=config.serving,
+        policy=policy,
     )
-    watcher = asyncio.create_task(watch_inference(core, running))
+    watcher = asyncio.create_task(watch_inference(core, running, state))
     log.info(
-        "compositing service listening on %s:%d (inference: %s)", config.host, running.port, core.backend.description
+        "compositing service listening on %s:%d (%s; inference: %s)",
+        config.host,
+        running.port,
+        "TLS" if running.tls else "plain text",
+        core.backend.description,
     )
     return running
 

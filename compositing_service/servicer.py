@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import grpc
 import numpy as np
 
 from inference_service.servicer import audio_encoding_name, np_dtype, raw_audio_of
 from inference_service.tensors import frombuffer
+from service_common import request_log
 from service_common.errors import InvalidArgument, ResourceExhausted
-from service_common.grpc_glue import abort_with, translate_errors
+from service_common.grpc_glue import abort_with, deadline_of, translate_errors
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc as pb_grpc
 
@@ -21,12 +21,6 @@ from .core import CompositingCore
 from .session import SessionOptions, StreamSession
 
 log = logging.getLogger(__name__)
-
-
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The client's deadline on the monotonic clock, or None when it set none."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
 
 
 def session_options(config: pb.SessionConfig, core: CompositingCore) -> SessionOptions:
@@ -121,6 +115,7 @@ class SessionServicerMixin:
                     )
                 )
             stats = session.stats
+            request_log.note(model=session.options.model_id, frames=stats.frames)
             yield pb.SessionResponse(
                 ended=pb.SessionEnded(
                     frames=stats.frames,
@@ -165,6 +160,18 @@ class CompositingServicer(SessionServicerMixin, pb_grpc.CompositingServiceServic
             visual_frames=visual,
             raw_audio=raw_audio_of(request),
             deadline=deadline_of(context),
+        )
+        request_log.note(
+            model=request.model_id,
+            frames=len(result.frames),
+            prepare=result.prepare_ms,
+            inference_call=result.inference_call_ms,
+            queue=result.queue_ms,
+            audio=result.audio_ms,
+            inference=result.inference_ms,
+            compositing=result.composite_ms,
+            encode=result.encode_ms,
+            total=result.total_ms,
         )
         return pb.CompositeBatchResponse(
             composited_frames=result.frames,

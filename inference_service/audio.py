@@ -227,6 +227,9 @@ def resample_to_16k(samples: np.ndarray, rate: int) -> np.ndarray:
 # -- a request's raw audio ---------------------------------------------------------------------
 
 
+MAX_UTTERANCE_SAMPLES = SAMPLE_RATE * 24 * 3600  # an utterance's frame count must fit the API's int32 fields
+
+
 @dataclass(frozen=True)
 class RawAudio:
     """Speech sent with a batch, and the batch's place in its utterance (see the module docstring)."""
@@ -256,6 +259,11 @@ class RawAudio:
             raise InvalidArgument(
                 "audio_offset_samples, utterance_samples, first_frame: expected >= 0, got "
                 f"{self.offset}, {self.utterance_samples}, {self.first_frame}"
+            )
+        if self.utterance_samples > MAX_UTTERANCE_SAMPLES or self.offset > MAX_UTTERANCE_SAMPLES:
+            raise InvalidArgument(
+                f"utterance_samples, audio_offset_samples: expected at most {MAX_UTTERANCE_SAMPLES} "
+                f"(24 hours at 16 kHz), got {self.utterance_samples}, {self.offset}"
             )
         if self.sample_rate != SAMPLE_RATE:
             if not MIN_RATE <= self.sample_rate <= MAX_RATE:

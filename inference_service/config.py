@@ -20,6 +20,7 @@ from service_common.config_source import (
     resolve_under,
     valid_model_id,
 )
+from service_common.serving_config import ServingConfig, parse_serving
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class InferenceConfig:
     # Clients re-resolve DNS when a connection ends: bounding a connection's age lets
     # new pods behind a headless Service get traffic. 0 = unbounded.
     max_connection_age_s: float = 0.0
+    serving: ServingConfig = field(default_factory=ServingConfig)
 
     @property
     def max_message_bytes(self) -> int:
@@ -87,13 +89,18 @@ def load_config(
     path: Path | str | None,
     overrides: Iterable[str] | Mapping[str, Any] = (),
     environ: Mapping[str, str] | None = None,
+    *,
+    serving: bool = True,
 ) -> InferenceConfig:
-    return parse_config(*read_config(path, overrides, environ))
+    """``serving=False`` for the engine run inside the compositing process: it listens on no port, so the
+    keys of how to serve (TLS or plain text) are not required."""
+    return parse_config(*read_config(path, overrides, environ), serving=serving)
 
 
-def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> InferenceConfig:
+def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: bool = True) -> InferenceConfig:
     root = Section(raw)
-    for key in root.unknown_keys(["models_root", "server", "gpus", "capacity", "onnx", "models", "logging", "warmup"]):
+    known = ["models_root", "server", "gpus", "capacity", "onnx", "models", "logging", "warmup", "auth", "metrics"]
+    for key in root.unknown_keys(known):
         log.warning("config: unknown key %s ignored", key)
 
     root_value = root.str("models_root", None)
@@ -188,4 +195,14 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Inference
         models=models,
         warmup=root.bool("warmup", True),
         log_level=(logging_section.str("level", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]) or "INFO"),
+        serving=parse_serving(
+            root,
+            base_dir or Path.cwd(),
+            host,
+            default_metrics_port=9091,
+            required=serving,
+            # device queues (server.max_queue_per_device) do the fine-grained bounding here
+            default_inflight=64,
+            default_queued=64,
+        ),
     )

@@ -86,11 +86,13 @@ class InferenceCore:
         audio_shape: tuple[int, ...] | list[int] = (),
         raw_audio: RawAudio | None = None,
         output_dtype: type | np.dtype = np.float32,
+        deadline: float | None = None,
     ) -> InferResult:
         """Run a batch. ``visual`` is flat or shaped uint8/float32; shapes are checked here.
 
         Audio is either model features (``audio_features``, which win when both are given) or speech
-        (``raw_audio``), turned into features on the model's device by its audio encoder.
+        (``raw_audio``), turned into features on the model's device by its audio encoder. ``deadline`` is on
+        the monotonic clock: a batch still waiting for a worker when it passes is not run.
         """
         if batch_size < 0:
             raise InvalidArgument(
@@ -128,7 +130,7 @@ class InferenceCore:
                 raw_audio.check(frames)
                 audio = raw_audio
             pool = self.workers[model.device.label]
-            run = await pool.run(_run_batch, model, frames_in, audio, np.dtype(output_dtype))
+            run = await pool.run(_run_batch, model, frames_in, audio, np.dtype(output_dtype), deadline=deadline)
             inference_ms = run.run_ms - run.value.audio_ms
         except BaseException:
             self.registry.release(entry)

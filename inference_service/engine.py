@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 import onnxruntime as ort
 
-from service_common.errors import Internal, InvalidArgument, ResourceExhausted
+from service_common.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted
 
 from .config import OnnxConfig
 from .devices import Device, providers_for, session_options
@@ -46,6 +46,13 @@ class RunResult:
     worker_id: int
 
 
+_EXPIRED = object()  # a queued job whose deadline passed before a worker took it
+
+
+def result_wait_ms(submitted: float) -> float:
+    return (time.perf_counter() - submitted) * 1000.0
+
+
 class DeviceWorkers:
     """A bounded worker pool for one device."""
 
@@ -66,8 +73,13 @@ class DeviceWorkers:
     def _init_worker(self) -> None:
         self._local.worker_id = next(self._ids)
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> RunResult:
-        """Run ``fn(*args)`` on a worker; queue time and run time are measured apart."""
+    async def run(self, fn: Callable[..., T], *args: Any, deadline: float | None = None) -> RunResult:
+        """Run ``fn(*args)`` on a worker; queue time and run time are measured apart.
+
+        ``deadline`` (monotonic): a call still queued when it passes is not run (DEADLINE_EXCEEDED).
+        """
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded(f"device {self.device.label}: the request's deadline passed before it was queued")
         with self._lock:
             if self.queued >= self.max_queue:
                 raise ResourceExhausted(
@@ -79,12 +91,14 @@ class DeviceWorkers:
         submitted = time.perf_counter()
         abandoned = threading.Event()
 
-        def job() -> RunResult | None:
+        def job() -> RunResult | object | None:
             started = time.perf_counter()
             with self._lock:
                 self.queued -= 1
                 if abandoned.is_set():
                     return None
+                if deadline is not None and time.monotonic() >= deadline:
+                    return _EXPIRED
                 self.active += 1
             try:
                 value = fn(*args)
@@ -105,7 +119,12 @@ class DeviceWorkers:
             # The caller gave up (deadline, cancel): a job still queued is skipped.
             abandoned.set()
             raise
-        assert result is not None
+        if result is _EXPIRED:
+            raise DeadlineExceeded(
+                f"device {self.device.label}: the request's deadline passed after {result_wait_ms(submitted):.0f} ms "
+                "in the queue; it was not run"
+            )
+        assert isinstance(result, RunResult)
         return result
 
     def shutdown(self) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from service_common.config_source import valid_model_id
 from service_common.errors import InvalidArgument, NotFound, ResourceExhausted
+from service_common.metrics import NullEvents
 from service_common.usage import Usage, UsageClock, lfu_order
 
 from .config import InferenceConfig, ModelConfig
@@ -85,6 +86,7 @@ class ModelRegistry:
         self._round_robin = itertools.count()
         self._usage = UsageClock(self._lock)
         self.evictions = 0
+        self.events = NullEvents()  # the server sets its metrics here
 
     # -- model specs -------------------------------------------------------
 
@@ -190,8 +192,13 @@ class ModelRegistry:
                 self._victims(estimate, replacing=model_id)  # fail fast before the heavy part
             device = self._place(spec)
             started = time.perf_counter()
-            model = self._factory(spec, device)
+            try:
+                model = self._factory(spec, device)
+            except BaseException:
+                self.events.model_load_failed(model_id)
+                raise
             load_ms = (time.perf_counter() - started) * 1000.0
+            self.events.model_loaded(model_id, load_ms / 1000.0)
             with self._lock:
                 victims = self._victims(model.memory_bytes, replacing=model_id)
                 for victim in victims:
@@ -217,6 +224,7 @@ class ModelRegistry:
         del self._entries[entry.model_id]
         entry.resident = False
         self.evictions += 1
+        self.events.model_evicted(entry.model_id)
         log.info("evicted model %s (usage %d)", entry.model_id, entry.usage_count)
 
     def unload(self, model_id: str) -> None:

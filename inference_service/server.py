@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterable
+
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from service_common.cli import overrides_from, parser_for, run_server
-from service_common.serving import RunningServer, serve_until_signal, start_grpc_server
+from service_common.metrics import ServiceMetrics
+from service_common.serving import RunningServer, build_policy, serve_until_signal, start_grpc_server
 from shared_proto import inference_pb2, inference_pb2_grpc
 
 from .config import InferenceConfig, load_config
@@ -16,11 +20,36 @@ from .servicer import InferenceServicer
 log = logging.getLogger("inference_service")
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+HEAVY_METHODS = ("InferBatch",)
+
+
+def core_metrics(core: InferenceCore) -> Iterable[Metric]:
+    """Read at scrape time: per-device concurrency and the models loaded."""
+    labels = ["device"]
+    workers = GaugeMetricFamily("lipsync_device_workers", "Concurrent runs a device allows.", labels=labels)
+    active = GaugeMetricFamily("lipsync_device_active_runs", "Runs executing on a device now.", labels=labels)
+    queued = GaugeMetricFamily("lipsync_device_queued_runs", "Runs waiting for a device's worker.", labels=labels)
+    models = GaugeMetricFamily("lipsync_device_loaded_models", "Models loaded on a device.", labels=labels)
+    memory = GaugeMetricFamily("lipsync_device_model_bytes", "Bytes of the models loaded on a device.", labels=labels)
+    for status in core.device_status():
+        label = [status.device.label]
+        workers.add_metric(label, status.device.workers)
+        active.add_metric(label, status.active_runs)
+        queued.add_metric(label, status.queued_runs)
+        models.add_metric(label, status.loaded_models)
+        memory.add_metric(label, status.used_memory_bytes)
+    loaded = GaugeMetricFamily("lipsync_loaded_models", "Models loaded in all.")
+    loaded.add_metric([], len(core.registry.entries()))
+    return [workers, active, queued, models, memory, loaded]
 
 
 async def start_server(config: InferenceConfig, core: InferenceCore | None = None) -> RunningServer:
     """Preload, then serve on ``config.host:config.port`` (port 0 picks a free one)."""
     core = core or InferenceCore(config)
+    metrics = ServiceMetrics("inference", core.version)
+    metrics.add_collector(lambda: core_metrics(core))
+    core.registry.events = metrics
+    policy = build_policy("inference", config.serving, metrics, HEAVY_METHODS)
     await core.start()
 
     async def on_stop() -> None:
@@ -31,17 +60,20 @@ async def start_server(config: InferenceConfig, core: InferenceCore | None = Non
         port=config.port,
         max_message_bytes=config.max_message_bytes,
         register=lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(core), server
+            InferenceServicer(core, metrics), server
         ),
         service_names=[SERVICE_NAME],
         grace_seconds=config.grace_seconds,
         on_stop=on_stop,
         max_connection_age_s=config.max_connection_age_s,
+        serving=config.serving,
+        policy=policy,
     )
     log.info(
-        "inference service listening on %s:%d (devices: %s)",
+        "inference service listening on %s:%d (%s; devices: %s)",
         config.host,
         running.port,
+        "TLS" if running.tls else "plain text",
         ", ".join(d.label for d in core.devices),
     )
     return running

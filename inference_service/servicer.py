@@ -6,7 +6,8 @@ import grpc
 import numpy as np
 
 from service_common.errors import InvalidArgument
-from service_common.grpc_glue import translate_errors
+from service_common.grpc_glue import deadline_of, translate_errors
+from service_common.metrics import ServiceMetrics, report_batch
 from shared_proto import inference_pb2 as pb
 from shared_proto import inference_pb2_grpc as pb_grpc
 
@@ -68,8 +69,9 @@ def model_stats(entry: ModelEntry) -> pb.ModelStats:
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, core: InferenceCore) -> None:
+    def __init__(self, core: InferenceCore, metrics: ServiceMetrics | None = None) -> None:
         self.core = core
+        self.metrics = metrics
 
     @translate_errors
     async def InferBatch(
@@ -90,8 +92,20 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             audio_shape=tuple(request.audio_features_shape),
             raw_audio=raw_audio_of(request),
             output_dtype=output_dtype,
+            deadline=deadline_of(context),
         )
         out = result.outputs
+        report_batch(
+            self.metrics,
+            request.model_id,
+            len(out),
+            {
+                "queue": result.queue_ms,
+                "audio": result.audio_ms,
+                "inference": result.inference_ms,
+                "total": result.queue_ms + result.audio_ms + result.inference_ms,
+            },
+        )
         dtype = _PB_DTYPES[out.dtype]
         shape = list(out.shape[1:])
         return pb.InferBatchResponse(

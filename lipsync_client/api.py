@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 
 from inference_service.audio import SAMPLE_RATE, required_samples, utterance_frames
+from service_common.tls import ClientTls, TlsError, sync_channel
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc, inference_pb2
 
@@ -73,16 +74,80 @@ class RenderResult:
         return "\n".join(lines)
 
 
-class LipsyncClient:
-    """A connection to a compositing server (or the load balancer in front of several)."""
+class _Metadata(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds the token (``authorization: Bearer``) to every call, over TLS or plain text alike."""
 
-    def __init__(self, server: str, timeout: float = 120.0) -> None:
+    def __init__(self, metadata: list[tuple[str, str]]) -> None:
+        self.metadata = metadata
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            [*(details.metadata or ()), *self.metadata],
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), requests)
+
+
+@dataclass(frozen=True)
+class _CallDetails(grpc.ClientCallDetails):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: Any
+    compression: Any
+
+
+def open_channel(
+    server: str, options: list[tuple[str, Any]], *, token: str | None = None, tls: ClientTls | None = None
+) -> tuple[grpc.Channel, grpc.Channel]:
+    """A sync channel to ``server`` (TLS when ``tls`` is given) that sends ``token`` on every call.
+
+    Returns the raw channel (to close) and the one to make stubs from.
+    """
+    try:
+        raw = sync_channel(server, tls, options)
+    except TlsError as exc:
+        raise LipsyncError(str(exc)) from None
+    if not token:
+        return raw, raw
+    return raw, grpc.intercept_channel(raw, _Metadata([("authorization", f"Bearer {token}")]))
+
+
+class LipsyncClient:
+    """A connection to a compositing server (or the load balancer in front of several).
+
+    ``token`` is sent as ``authorization: Bearer <token>`` on every call; ``tls`` (a ClientTls) makes the channel
+    TLS, with the system's roots unless it names a CA file, and a client certificate for mutual TLS.
+    """
+
+    def __init__(
+        self, server: str, timeout: float = 120.0, *, token: str | None = None, tls: ClientTls | None = None
+    ) -> None:
         self.server = server
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(
-            server,
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)],
-        )
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+        self._raw_channel, self.channel = open_channel(server, options, token=token, tls=tls)
         self.stub = compositing_pb2_grpc.CompositingServiceStub(self.channel)
 
     def __enter__(self) -> LipsyncClient:
@@ -92,7 +157,7 @@ class LipsyncClient:
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        self._raw_channel.close()
 
     def _call(self, method: Callable, request: object, timeout: float | None = None) -> object:
         try:

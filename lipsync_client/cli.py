@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+from service_common.tls import ClientTls
 
 from .api import LipsyncClient, LipsyncError
 
@@ -60,13 +63,35 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("health", "the server's health"), ("models", "the avatars it serves")):
         command = sub.add_parser(name, help=text)
         command.add_argument("--server", required=True)
+    for command in sub.choices.values():
+        add_connection_options(command)
     return parser
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("security")
+    group.add_argument("--token", help="API token (default: $LIPSYNC_TOKEN); sent as authorization: Bearer")
+    group.add_argument("--tls", action="store_true", help="connect with TLS (implied by --ca-file/--cert-file)")
+    group.add_argument("--ca-file", type=Path, help="CA certificate(s) to check the server with (default: system)")
+    group.add_argument("--cert-file", type=Path, help="client certificate for mutual TLS (with --key-file)")
+    group.add_argument("--key-file", type=Path, help="client private key for mutual TLS")
+    group.add_argument("--server-name", default="", help="the name to check in the server's certificate")
+
+
+def connection(args: argparse.Namespace) -> tuple[str | None, ClientTls | None]:
+    token = args.token or os.environ.get("LIPSYNC_TOKEN") or None
+    wants_tls = args.tls or args.ca_file or args.cert_file or args.key_file or args.server_name
+    if (args.cert_file is None) != (args.key_file is None):
+        raise LipsyncError("--cert-file and --key-file: give both for mutual TLS, or neither")
+    tls = ClientTls(args.ca_file, args.cert_file, args.key_file, args.server_name) if wants_tls else None
+    return token, tls
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with LipsyncClient(args.server, timeout=getattr(args, "timeout", 120.0)) as client:
+        token, tls = connection(args)
+        with LipsyncClient(args.server, timeout=getattr(args, "timeout", 120.0), token=token, tls=tls) as client:
             if args.command == "health":
                 health = client.health()
                 print(

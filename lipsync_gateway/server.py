@@ -49,7 +49,10 @@ import grpc
 import numpy as np
 from aiohttp import web
 
+from lipsync_client.api import LipsyncError, open_channel
+from lipsync_client.cli import add_connection_options, connection
 from lipsync_client.media import MediaError, read_speech
+from service_common.tls import ClientTls
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc, inference_pb2
 
@@ -86,6 +89,8 @@ class GatewayConfig:
     max_sessions: int = 4
     session_timeout: float = 600.0
     sample_clip: Path | None = None
+    token: str | None = None  # sent to the compositing service (auth.enabled there)
+    tls: ClientTls | None = None
 
 
 class GatewayError(Exception):
@@ -182,10 +187,11 @@ class Gateway:
 
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
         """One gRPC channel (thread-safe) from startup to cleanup."""
-        self.channel = grpc.insecure_channel(self.config.server, options=CHANNEL_OPTIONS)
+        config = self.config
+        raw, self.channel = open_channel(config.server, CHANNEL_OPTIONS, token=config.token, tls=config.tls)
         self.stub = compositing_pb2_grpc.CompositingServiceStub(self.channel)
         yield
-        self.channel.close()
+        raw.close()
 
     # -- routes ---------------------------------------------------------------
 
@@ -431,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sessions", type=int, default=4, help="sessions open at once (more get 503)")
     parser.add_argument("--session-timeout", type=float, default=600.0, help="gRPC deadline of a session (s)")
     parser.add_argument("--sample-clip", type=Path, help="an audio file the page offers (served at /sample-clip)")
+    add_connection_options(parser)
     return parser
 
 
@@ -442,7 +449,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_upload_mb <= 0 or args.max_audio_seconds <= 0 or args.max_sessions < 1 or args.session_timeout <= 0:
         parser.error("--max-upload-mb, --max-audio-seconds, --max-sessions and --session-timeout must be positive")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        token, tls = connection(args)
+    except LipsyncError as exc:
+        parser.error(str(exc))
     config = GatewayConfig(
+        token=token,
+        tls=tls,
         server=args.server,
         host=args.host,
         port=args.port,

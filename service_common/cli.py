@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any, TypeVar
 
 from .allocator import tune_malloc
 from .config_source import ConfigError
+from .request_log import configure_logging
 
 C = TypeVar("C")
 
@@ -30,6 +30,10 @@ def parser_for(prog: str, description: str | None) -> argparse.ArgumentParser:
         help="override any config key, e.g. --set capacity.max_models=2",
     )
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-format", choices=["text", "json"], help="overrides logging.format")
+    parser.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: a free one); sets metrics.enabled"
+    )
     return parser
 
 
@@ -41,6 +45,10 @@ def overrides_from(args: argparse.Namespace) -> list[str]:
         overrides.append(f"server.port={args.port}")
     if args.host:
         overrides.append(f"server.host={args.host}")
+    if args.metrics_port is not None:
+        overrides += ["metrics.enabled=true", f"metrics.port={args.metrics_port}"]
+    if args.log_format:
+        overrides.append(f"logging.format={args.log_format}")
     return overrides
 
 
@@ -57,9 +65,10 @@ def run_server(
     except ConfigError as exc:
         print(f"{prog}: invalid config: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=args.log_level or getattr(config, "log_level", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    serving = getattr(config, "serving", None)
+    configure_logging(
+        (args.log_level or getattr(config, "log_level", "INFO")).upper(),
+        serving.log_format if serving is not None else "text",
     )
     if getattr(config, "tune_malloc", True):
         tune_malloc()

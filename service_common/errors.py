@@ -51,3 +51,11 @@ class DeadlineExceeded(ServiceError):
 
 class Internal(ServiceError):
     code = grpc.StatusCode.INTERNAL
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -49,6 +50,12 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: Exception, name: st
         await context.abort(exc.code, exc.message)
     log.exception("%s failed", name)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The client's deadline on the monotonic clock, or None when it set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def server_options(max_message_bytes: int, max_connection_age_s: float = 0.0) -> list[tuple[str, Any]]:

@@ -1,18 +1,24 @@
-"""What both servers share: the standard services, startup, and shutdown on SIGTERM."""
+"""What both servers share: the standard services, TLS, the interceptor, metrics, startup and shutdown on SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .admission import Admission
+from .auth import TokenStore
 from .grpc_glue import server_options
+from .interceptor import CallPolicy, ServiceInterceptor
+from .metrics import ServiceMetrics
+from .serving_config import LOOPBACK, ServingConfig
+from .tls import TlsError, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +31,19 @@ class RunningServer:
     service_names: Sequence[str]
     grace_seconds: float
     on_stop: Callable[[], Awaitable[None]]
+    metrics: ServiceMetrics | None = None
+    policy: CallPolicy | None = None
+    shutdown_delay_s: float = 0.0
+    tls: bool = False
+    probe_server: grpc.aio.Server | None = None  # server.health_port: health only, plain text
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_port(self) -> int:
+        return self.metrics.port if self.metrics is not None else 0
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -36,10 +51,37 @@ class RunningServer:
             await self.health.set(name, status)
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING first, then refuse new calls and let calls in flight finish within the grace period."""
+        """NOT_SERVING first (and for ``shutdown_delay_s``, so load balancers stop sending), then refuse new
+        calls and let calls in flight finish within the grace period."""
         await self.health.enter_graceful_shutdown()
+        if self.shutdown_delay_s > 0 and grace is None:
+            await asyncio.sleep(self.shutdown_delay_s)
         await self.server.stop(self.grace_seconds if grace is None else grace)
+        if self.probe_server is not None:
+            await self.probe_server.stop(0)
         await self.on_stop()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def build_policy(
+    service: str,
+    serving: ServingConfig,
+    metrics: ServiceMetrics | None,
+    admitted_methods: Collection[str],
+) -> CallPolicy:
+    try:
+        tokens = TokenStore(serving.auth) if serving.auth.enabled else None
+    except ValueError as exc:
+        raise RuntimeError(str(exc)) from None
+    return CallPolicy(
+        service=service,
+        metrics=metrics,
+        tokens=tokens,
+        admission=Admission(serving.max_inflight_requests, serving.max_queued_requests, service),
+        admitted_methods=admitted_methods,
+        log_requests=serving.log_requests,
+    )
 
 
 async def start_grpc_server(
@@ -52,18 +94,62 @@ async def start_grpc_server(
     grace_seconds: float,
     on_stop: Callable[[], Awaitable[None]],
     max_connection_age_s: float = 0.0,
+    serving: ServingConfig | None = None,
+    policy: CallPolicy | None = None,
 ) -> RunningServer:
-    """A grpc.aio server with the given services, grpc.health.v1 and reflection, started and SERVING."""
-    server = grpc.aio.server(options=server_options(max_message_bytes, max_connection_age_s))
+    """A grpc.aio server with the given services, grpc.health.v1 and reflection, started and SERVING.
+
+    ``serving`` None means plain text with no interceptor (the bench's bare servers).
+    """
+    interceptors = [ServiceInterceptor(policy)] if policy is not None else []
+    server = grpc.aio.server(
+        options=server_options(max_message_bytes, max_connection_age_s),
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=serving.max_concurrent_rpcs if serving is not None else None,
+    )
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    tls = serving is not None and serving.tls is not None
+    if tls:
+        assert serving is not None and serving.tls is not None
+        try:
+            bound = server.add_secure_port(address, server_credentials(serving.tls))
+        except TlsError as exc:
+            raise RuntimeError(str(exc)) from None
+    else:
+        bound = server.add_insecure_port(address)
     if bound == 0:
-        raise RuntimeError(f"server.port: cannot listen on {host}:{port}")
+        raise RuntimeError(f"server.port: cannot listen on {address}")
+    metrics = policy.metrics if policy is not None else None
+    if serving is not None and metrics is not None and serving.metrics.enabled:
+        metrics_port = metrics.serve(serving.metrics.host, serving.metrics.port)
+        log.info("metrics on http://%s:%d/metrics", serving.metrics.host, metrics_port)
+    if serving is not None and not tls and (policy is None or policy.tokens is None) and host not in LOOPBACK:
+        log.warning("serving plain text without authentication on %s: anyone who reaches it may call it", address)
+    probe_server = None
+    if serving is not None and serving.health_port:
+        probe_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe_server)
+        if probe_server.add_insecure_port(f"{host}:{serving.health_port}") == 0:
+            raise RuntimeError(f"server.health_port: cannot listen on {host}:{serving.health_port}")
+        await probe_server.start()
     await server.start()
-    running = RunningServer(server, health_servicer, bound, list(service_names), grace_seconds, on_stop)
+    running = RunningServer(
+        server,
+        health_servicer,
+        bound,
+        list(service_names),
+        grace_seconds,
+        on_stop,
+        metrics=metrics,
+        policy=policy,
+        shutdown_delay_s=serving.shutdown_delay_s if serving is not None else 0.0,
+        tls=tls,
+        probe_server=probe_server,
+    )
     await running.set_serving(True)
     return running
 

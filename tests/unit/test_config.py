@@ -46,7 +46,12 @@ models:
 
 
 def test_old_keys_are_read_and_relative_paths_resolve_against_models_root(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, OLD_STYLE), environ={})
+    path = write(tmp_path, OLD_STYLE)
+    # The old system served plain text silently; here it must be asked for (or TLS configured).
+    with pytest.raises(ConfigError, match=r"^server\.tls: .*server\.plaintext: true"):
+        load_config(path, environ={})
+    config = load_config(path, ["server.plaintext=true"], environ={})
+    assert config.serving.plaintext and config.serving.tls is None
     assert config.models_root == (tmp_path / "m").resolve()
     assert (config.host, config.port) == ("0.0.0.0", 50061)
     assert config.max_message_bytes == 32 * 1024 * 1024
@@ -60,7 +65,12 @@ def test_old_keys_are_read_and_relative_paths_resolve_against_models_root(tmp_pa
 
 def test_environment_then_set_overrides_win(tmp_path: Path) -> None:
     path = write(tmp_path, OLD_STYLE)
-    env = {"LIPSYNC_CAPACITY__MAX_MODELS": "7", "LIPSYNC_SERVER__PORT": "127.0.0.1:6000", "OTHER": "x"}
+    env = {
+        "LIPSYNC_CAPACITY__MAX_MODELS": "7",
+        "LIPSYNC_SERVER__PORT": "127.0.0.1:6000",
+        "LIPSYNC_SERVER__PLAINTEXT": "true",
+        "OTHER": "x",
+    }
     config = load_config(path, environ=env)
     assert config.max_models == 7 and (config.host, config.port) == ("127.0.0.1", 6000)
     config = load_config(path, ["capacity.max_models=9", "models.a.preload=false"], environ=env)
@@ -127,14 +137,18 @@ def test_listen_address_forms(value, expected) -> None:
 
 
 def test_booleans_and_strings_accept_yaml_spellings(tmp_path: Path) -> None:
-    config = parse_config({"models_root": str(tmp_path), "gpus": {"enabled": "off", "required": "yes"}})
+    config = parse_config(
+        {"models_root": str(tmp_path), "server": {"plaintext": "yes"}, "gpus": {"enabled": "off", "required": "yes"}}
+    )
     assert not config.gpus_enabled and config.gpus_required
 
 
 def test_max_connection_age_becomes_a_server_option(tmp_path: Path) -> None:
     from service_common.grpc_glue import server_options
 
-    config = parse_config({"models_root": str(tmp_path), "server": {"max_connection_age_seconds": 60}})
+    config = parse_config(
+        {"models_root": str(tmp_path), "server": {"max_connection_age_seconds": 60, "plaintext": True}}
+    )
     options = dict(server_options(config.max_message_bytes, config.max_connection_age_s))
     assert options["grpc.max_connection_age_ms"] == 60_000 and options["grpc.max_connection_age_grace_ms"] == 60_000
     assert "grpc.max_connection_age_ms" not in dict(server_options(1 << 20))

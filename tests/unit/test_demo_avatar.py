@@ -203,8 +203,13 @@ def test_demo_model_opens_the_mouth_on_the_drawn_lips(avatar_dir: Path, decoded:
 def _check_compositing_config(root: Path, models: list[str]) -> dict:
     cfg = yaml.safe_load((root / "compositing.yaml").read_text())
     assert Path(cfg["models_root"]) == root.resolve()
-    assert cfg["server"] == {"port": ":50052", "max_message_size_mb": 64}
-    assert cfg["inference_server"] == {"url": "127.0.0.1:50051", "timeout_seconds": 30, "max_retries": 3}
+    assert cfg["server"] == {"port": ":50052", "plaintext": True, "max_message_size_mb": 64}
+    assert cfg["inference_server"] == {
+        "url": "127.0.0.1:50051",
+        "plaintext": True,
+        "timeout_seconds": 30,
+        "max_retries": 3,
+    }
     assert cfg["inference"] == {"mode": "remote", "config": "inference.yaml"}
     assert (root / cfg["inference"]["config"]).is_file()
     assert cfg["capacity"] == {

@@ -84,7 +84,7 @@ def test_cli_writes_all_files_and_a_parsable_config(models_dir: Path) -> None:
     cfg = yaml.safe_load((models_dir / "inference.yaml").read_text())
     assert Path(cfg["models_root"]).is_absolute()
     assert Path(cfg["models_root"]) == models_dir.resolve()
-    assert cfg["server"] == {"port": ":50051", "max_message_size_mb": 64, "worker_count_per_gpu": 2}
+    assert cfg["server"] == {"port": ":50051", "plaintext": True, "max_message_size_mb": 64, "worker_count_per_gpu": 2}
     assert cfg["gpus"] == {"enabled": False, "count": 0}
     assert cfg["capacity"] == {"max_models": 4, "max_memory_gb": 8, "eviction_policy": "lfu"}
     assert cfg["onnx"] == {"intra_op_threads": 0, "inter_op_threads": 1}

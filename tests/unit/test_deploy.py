@@ -565,7 +565,9 @@ def test_inference_deployment_gpu_probes_and_grace(manifests: dict[tuple[str, st
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "time for the models to load"
     assert _env(container)["LIPSYNC_SERVER__MAX_CONNECTION_AGE_SECONDS"] == "300"
     assert container["args"] == ["--config", "/etc/lipsync/inference.yaml"]
-    _check_grace(pod, container, _configmap_config(manifests, "inference.yaml"))
+    _check_grace(
+        pod, container, _configmap_config(manifests, "inference.yaml"), deployment["spec"]["template"]["metadata"]
+    )
     _check_volumes(pod, container, manifests)
 
 
@@ -573,11 +575,17 @@ def _configmap_config(manifests: dict[tuple[str, str], dict[str, Any]], key: str
     return yaml.safe_load(manifests["ConfigMap", "lipsync-config"]["data"][key])
 
 
-def _check_grace(pod: dict[str, Any], container: dict[str, Any], config: dict[str, Any]) -> None:
-    grace = float(config["server"]["grace_seconds"])
+def _check_grace(pod: dict[str, Any], container: dict[str, Any], config: dict[str, Any], meta: dict) -> None:
+    grace = float(config["server"]["grace_seconds"]) + float(config["server"].get("shutdown_delay_seconds", 0))
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    assert pod["terminationGracePeriodSeconds"] > grace + float(pre_stop[1]), "the grace period must cover both"
+    assert pod["terminationGracePeriodSeconds"] > grace + float(pre_stop[1]), "the grace period must cover all"
+    # Prometheus finds the metrics port the config serves.
+    annotations = meta.get("annotations") or {}
+    metrics = config["metrics"]
+    assert metrics["enabled"] and annotations.get("prometheus.io/port") == str(metrics["port"])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == metrics["port"]
 
 
 def _check_volumes(pod: dict[str, Any], container: dict[str, Any], manifests: dict) -> None:
@@ -627,7 +635,9 @@ def test_compositing_deployment_url_probes_and_volumes(
     assert "grpc" not in container["livenessProbe"]
     assert container["resources"]["requests"]["cpu"]
     assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
-    _check_grace(pod, container, _configmap_config(manifests, "compositing.yaml"))
+    _check_grace(
+        pod, container, _configmap_config(manifests, "compositing.yaml"), deployment["spec"]["template"]["metadata"]
+    )
     _check_volumes(pod, container, manifests)
 
 

@@ -24,7 +24,7 @@ TWO_GPUS = [(0, "NVIDIA A10", 24 << 30), (1, "NVIDIA A10", 24 << 30)]
 def config(tmp_path: Path, **sections):
     raw = {"models_root": str(tmp_path)}
     raw.update(sections)
-    return parse_config(raw)
+    return parse_config(raw, serving=False)
 
 
 def test_cpu_only_machine_serves_on_the_cpu(tmp_path: Path) -> None:

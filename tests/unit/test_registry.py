@@ -15,7 +15,7 @@ from service_common.errors import InvalidArgument, NotFound, ResourceExhausted
 
 
 def registry_for(root: Path, **capacity) -> ModelRegistry:
-    config = parse_config({"models_root": str(root), "capacity": capacity, "warmup": False})
+    config = parse_config({"models_root": str(root), "capacity": capacity, "warmup": False}, serving=False)
     return ModelRegistry(config, select_devices(config, ["CPUExecutionProvider"], []))
 
 

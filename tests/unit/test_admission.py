@@ -1,0 +1,71 @@
+"""The replica's bounded run queue: who runs, who waits, who is refused, and deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from service_common.admission import Admission
+from service_common.errors import DeadlineExceeded, ResourceExhausted
+
+
+async def hold(admission: Admission, release: asyncio.Event, order: list[int], tag: int, deadline=None) -> None:
+    async with admission.admit(deadline):
+        order.append(tag)
+        await release.wait()
+
+
+async def test_runs_then_queues_in_order_then_refuses() -> None:
+    admission = Admission(max_running=2, max_waiting=2)
+    release = asyncio.Event()
+    order: list[int] = []
+    tasks = [asyncio.create_task(hold(admission, release, order, i)) for i in range(4)]
+    await asyncio.sleep(0.01)
+    assert order == [0, 1] and admission.running == 2 and admission.waiting == 2
+    with pytest.raises(ResourceExhausted) as err:
+        async with admission.admit():
+            pass
+    assert err.value.retry_after_ms > 0 and "server.max_queued_requests=2" in err.value.message
+    assert admission.rejected == 1
+    release.set()
+    await asyncio.gather(*tasks)
+    assert order == [0, 1, 2, 3]  # FIFO: the queued ones ran in arrival order
+    assert admission.running == 0 and admission.waiting == 0
+
+
+async def test_deadlines_passed_or_passing_while_waiting() -> None:
+    admission = Admission(max_running=1, max_waiting=4)
+    with pytest.raises(DeadlineExceeded, match="before it could start"):
+        async with admission.admit(time.monotonic() - 1):
+            pass
+    release = asyncio.Event()
+    order: list[int] = []
+    first = asyncio.create_task(hold(admission, release, order, 0))
+    await asyncio.sleep(0.01)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="while it waited"):
+        async with admission.admit(time.monotonic() + 0.05):
+            pass
+    assert time.monotonic() - started < 0.5 and admission.waiting == 0
+    release.set()
+    await first
+    assert admission.running == 0
+
+
+async def test_a_cancelled_waiter_gives_its_slot_on() -> None:
+    admission = Admission(max_running=1, max_waiting=4)
+    release = asyncio.Event()
+    order: list[int] = []
+    first = asyncio.create_task(hold(admission, release, order, 0))
+    await asyncio.sleep(0.01)
+    doomed = asyncio.create_task(hold(admission, release, order, 1))
+    third = asyncio.create_task(hold(admission, release, order, 2))
+    await asyncio.sleep(0.01)
+    doomed.cancel()
+    release.set()
+    await asyncio.gather(first, third)
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert order == [0, 2] and admission.running == 0 and admission.waiting == 0
