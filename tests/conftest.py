@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,3 +59,17 @@ def stub(inference_server: ServerThread) -> Iterator[inference_pb2_grpc.Inferenc
     options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
     with grpc.insecure_channel(inference_server.address, options=options) as channel:
         yield inference_pb2_grpc.InferenceServiceStub(channel)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-seconds",
+        type=float,
+        default=float(os.environ.get("LIPSYNC_SOAK_SECONDS", "120")),
+        help="length of the soak test (default 120 s, or LIPSYNC_SOAK_SECONDS)",
+    )
+
+
+@pytest.fixture()
+def soak_seconds(request: pytest.FixtureRequest) -> float:
+    return request.config.getoption("--soak-seconds")
