@@ -10,12 +10,16 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from load import Load, percentile, rss_bytes
 
 from lipsync_cluster import nginx
 from lipsync_cluster.launcher import Cluster, ClusterSpec
 from service_common.processes import ServiceProcess, free_port, wait_serving
+from shared_proto import inference_pb2 as ipb
+from shared_proto import inference_pb2_grpc
 
 BIN = Path(sys.executable).parent
 
@@ -218,3 +222,53 @@ def test_soak_flat_memory_and_zero_errors(models_dir: Path, tmp_path: Path, soak
     finally:
         compositing.stop()
         inference.stop()
+
+
+def test_sigterm_goes_not_serving_refuses_new_calls_and_lets_calls_in_flight_finish(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    service = inference_process(
+        models_dir,
+        port,
+        tmp_path / "inference.log",
+        "--set",
+        "models.unet328.preload=true",
+        "--set",
+        "server.shutdown_delay_seconds=1.5",
+        "--set",
+        "server.grace_seconds=20",
+    )
+    try:
+        with grpc.insecure_channel(service.address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            slow = ipb.InferBatchRequest(
+                model_id="unet328",
+                visual_frames=np.zeros((6, 6, 320, 320), np.uint8).tobytes(),
+                visual_dtype=ipb.DTYPE_UINT8,
+                audio_features=np.zeros((32, 16, 16), np.float32).tobytes(),
+                batch_size=6,
+                output_dtype=ipb.DTYPE_UINT8,
+            )
+            started = time.monotonic()
+            in_flight = stub.InferBatch.future(slow, timeout=60)
+            time.sleep(0.3)
+            service.process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            # During the shutdown delay: still answering, but NOT_SERVING (load balancers stop sending).
+            for name in ("", "inference.InferenceService"):
+                status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=2).status
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            time.sleep(1.5)
+            # After it: new calls are refused ...
+            with grpc.insecure_channel(service.address) as fresh, pytest.raises(grpc.RpcError) as err:
+                inference_pb2_grpc.InferenceServiceStub(fresh).Health(ipb.HealthRequest(), timeout=2)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            # ... and the call accepted before SIGTERM still completes.
+            response = in_flight.result(timeout=60)
+            assert response.success and len(response.outputs) == 6
+            assert time.monotonic() - started > 2.0, "the call should have outlived the shutdown delay"
+        assert service.process.wait(30) == 0
+    finally:
+        service.stop()
