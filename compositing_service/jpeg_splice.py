@@ -79,7 +79,8 @@ class SpliceSettings:
     """What must be the same for the background, the box and the reference encode.
 
     ``tile_width`` is the target width in pixels of a restart interval: narrower tiles re-encode fewer pixels
-    around a rectangle but add a 2-byte marker and up to 7 padding bits per interval to every frame.
+    around a rectangle, but every interval adds a 2-byte marker, up to 7 padding bits and DC values coded from
+    zero to every frame (+0.8% at 128 px on a detailed 720p frame, +7.6% on a flat cartoon).
     """
 
     quality: int
@@ -232,7 +233,16 @@ class _Header:
 
 def _parse_header(data: bytes) -> _Header:
     """Walk the marker segments up to SOS; raise SpliceFallback unless it is a 3-component baseline scan."""
+    try:
+        header = _walk_header(data)
+    except (IndexError, struct.error) as exc:  # truncated inside a segment
+        raise SpliceFallback(FallbackReason.BACKGROUND_LAYOUT, f"truncated header ({exc})") from None
+    if header.width < 1 or header.height < 1:
+        raise SpliceFallback(FallbackReason.BACKGROUND_LAYOUT, f"image size {header.width}x{header.height}")
+    return header
 
+
+def _walk_header(data: bytes) -> _Header:
     def bad(detail: str) -> SpliceFallback:
         return SpliceFallback(FallbackReason.BACKGROUND_LAYOUT, detail)
 
@@ -266,7 +276,7 @@ class SplicedBackground:
     """A background frame's encode with restart markers, split into its header and interval segments.
 
     Built once per cached background frame and settings, and immutable (safe to share between threads). It keeps
-    only the JPEG (about 1/10 to 1/30 of the raw frame) and the offset of each interval in it, not the pixels:
+    only the JPEG (1-7% of the raw frame in bench/splice_micro.py) and 4 bytes per interval, not the pixels:
     the caller keeps the frame, which splicing reads the box from.
     """
 

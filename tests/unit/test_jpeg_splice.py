@@ -211,6 +211,8 @@ def test_a_background_jpeg_not_encoded_with_the_settings_is_refused() -> None:
         cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 75, cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes(),
         encode_with_restarts(frame, SpliceSettings(75, "444")),  # other sampling (and interval)
         encode_with_restarts(frame, SpliceSettings(75))[:-2],  # truncated
+        encode_with_restarts(frame, SpliceSettings(75))[:150],  # truncated in the header
+        b"not a jpeg",
     ]
     for data in encode:
         with pytest.raises(SpliceFallback) as info:
