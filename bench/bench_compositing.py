@@ -6,15 +6,20 @@ thread pool uses both cores, (3) how much throughput the separate inference proc
 engine inside the compositing process (the old system paid 11-13%), and (4) what the wire carries per frame.
 
 What runs, in one run on one machine:
-1. ``geometry``: the service's own functions (compositing_service/geometry.py) on the demo avatar's frames
-   (1280x720, decoded with PyAV) and the same frames upscaled to 1920x1080, with mouths from the demo model.
-   Plain-encode blocks alternate with the composite blocks; ratios are medians of paired blocks.
+1. ``geometry``: the service's own functions (compositing_service/geometry.py, jpeg_splice.py) on the demo
+   avatar's frames (1280x720, decoded with PyAV) and the same frames upscaled to 1920x1080, with mouths from the
+   demo model. Plain-encode blocks alternate with the composite blocks; ratios are medians of paired blocks.
+   ``composite_ratio`` is the service's default path (spliced JPEG: the patch, then only the tiles under it
+   encoded and spliced into the background's cached encode); ``composite_ratio_full`` the full-frame path
+   (copy, paste back, encode the whole frame) that ``output.jpeg_splicing: false`` keeps.
 2. ``threads``: ``Compositor.composite`` on batches of 16 with 1 thread versus 2, alternating blocks.
 3. ``services``: ``InferBatchComposite`` from a client in this process against a ``lipsync-inference`` +
    ``lipsync-compositing`` pair (separated) and a ``lipsync-compositing --in-process`` (in process), all three
    processes up at once, blocks alternating between the two modes, 2 requests in flight, same model and batch.
 4. ``spinning``: the in-process mode with ORT ``allow_spinning`` true versus false (a fourth process), paired the
    same way: spinning threads compete with the compositor's threads for the same cores.
+4b. ``splicing``: a second separated compositing process with ``output.jpeg_splicing: false`` on the same
+   inference server, paired with the default one the same way: the end-to-end effect of spliced JPEG.
 5. ``bytes``: serialized request/response sizes per frame, and of the internal hop.
 
     .venv/bin/python bench/bench_compositing.py --models-dir models --out bench/results/compositing.json
@@ -42,8 +47,16 @@ import cv2
 import grpc
 import numpy as np
 
+from compositing_service.cache import BackgroundCache
 from compositing_service.compositor import Compositor, Prepared
-from compositing_service.geometry import INNER, crop_328, encode_image, model_input, paste_back
+from compositing_service.geometry import INNER, crop_328, draw_mouth, encode_image, model_input, paste_back
+from compositing_service.jpeg_splice import (
+    SplicedBackground,
+    SpliceSettings,
+    encode_composite,
+    encode_with_restarts,
+    fit_tile_width,
+)
 from service_common.allocator import tune_malloc
 from service_common.processes import ServiceProcess, free_port
 
@@ -184,11 +197,30 @@ def geometry_ops(avatar: Avatar) -> dict[str, Callable[[int], Any]]:
         paste_back_merge(out, avatar.rects[i], avatar.crops[i], avatar.mouths[i])
         return out
 
+    # What the cache holds beside each frame for splicing (built once per frame and quality, not timed here),
+    # with the tile width the service fits to the avatar's rectangles.
+    settings = SpliceSettings(JPEG_QUALITY, tile_width=fit_tile_width(avatar.frames[0].shape[1], avatar.rects))
+    backgrounds = [SplicedBackground.from_frame(f, settings) for f in avatar.frames]
+    crops = [c.copy() for c in avatar.crops]  # the service draws the mouth into the request's own crop
+
+    def spliced(i: int) -> Any:
+        def draw(dst: np.ndarray) -> None:
+            draw_mouth(dst, crops[i], avatar.mouths[i], reuse_crop=True)
+
+        data, reason = encode_composite(backgrounds[i], avatar.frames[i], avatar.rects[i], draw)
+        assert reason is None, reason
+        return data
+
+    def full_restarts(i: int) -> Any:
+        return encode_with_restarts(composited[i], settings)
+
     return {
         "plain_encode": plain,
         "copy_paste": copy_paste,
         "encode": encode,
         "total": total,
+        "spliced": spliced,
+        "full_restarts": full_restarts,
         "crop_build": crop,
         "copy_paste_cv2_merge": copy_paste_merge,
     }
@@ -248,6 +280,7 @@ def bench_geometry(avatar: Avatar, rounds: int) -> dict[str, Any]:
     ms = {name: round(common.median(values), 3) for name, values in blocks.items()}
     jpeg_plain = [len(cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]) for f in avatar.frames]
     jpeg_composited = [len(ops["total"](i)) for i in range(count)]
+    jpeg_spliced = [len(ops["spliced"](i)) for i in range(count)]
     height, width = avatar.frames[0].shape[:2]
     return {
         "frame_size": f"{width}x{height}",
@@ -258,8 +291,14 @@ def bench_geometry(avatar: Avatar, rounds: int) -> dict[str, Any]:
             "copy_paste (frame.copy + paste_back)": ms["copy_paste"],
             "encode (encode_image of the composited frame)": ms["encode"],
             "total (copy + paste_back + encode)": ms["total"],
+            "spliced (mouth_patch + encode_composite on the cached background encode)": ms["spliced"],
+            "full_restarts (encode_with_restarts of the composited frame: what spliced equals)": ms["full_restarts"],
             "crop_build (crop_328 + model_input)": ms["crop_build"],
         },
+        "splice_tile_width": fit_tile_width(width, avatar.rects),
+        "spliced_identical_to_full_restart_encode": all(
+            ops["spliced"](i) == ops["full_restarts"](i) for i in range(count)
+        ),
         "candidate_paste_back_cv2_merge": {
             "copy_paste_ms_per_frame": ms["copy_paste_cv2_merge"],
             "vs_current_copy_paste": round(
@@ -270,15 +309,19 @@ def bench_geometry(avatar: Avatar, rounds: int) -> dict[str, Any]:
             ),
             "frames_identical_to_paste_back": merge_candidate_identical(avatar),
         },
-        "composite_ratio": round(common.median(ratios("total")), 3),
-        "composite_ratio_blocks": [round(r, 3) for r in ratios("total")],
+        "composite_ratio": round(common.median(ratios("spliced")), 3),
+        "composite_ratio_blocks": [round(r, 3) for r in ratios("spliced")],
+        "composite_ratio_full": round(common.median(ratios("total")), 3),
+        "composite_ratio_full_blocks": [round(r, 3) for r in ratios("total")],
         "encode_ratio": round(common.median(ratios("encode")), 3),
         "copy_paste_ratio": round(common.median(ratios("copy_paste")), 3),
         "crop_build_ratio": round(common.median(ratios("crop_build")), 3),
-        "per_frame_all_image_work_ms": round(ms["total"] + ms["crop_build"], 3),
+        "per_frame_all_image_work_ms": round(ms["spliced"] + ms["crop_build"], 3),
+        "per_frame_all_image_work_ms_full": round(ms["total"] + ms["crop_build"], 3),
         "jpeg_bytes_mean": {
             "plain": round(float(np.mean(jpeg_plain))),
             "composited": round(float(np.mean(jpeg_composited))),
+            "spliced (restart markers every tile)": round(float(np.mean(jpeg_spliced))),
         },
         "blocks_ms_per_frame": {k: [round(v, 3) for v in vs] for k, vs in blocks.items()},
         "cpu_per_round": usage,
@@ -291,10 +334,18 @@ def bench_geometry(avatar: Avatar, rounds: int) -> dict[str, Any]:
 def bench_threads(avatar: Avatar, batch: int, seconds: float, blocks: int) -> dict[str, Any]:
     """Compositor.composite (the service's class) on batches of ``batch`` frames: 1 thread vs 2, alternating."""
     count = len(avatar.frames)
+    cache = BackgroundCache(sum(f.nbytes for f in avatar.frames) * 2, count)
+    frames = [cache.get("bench", i, lambda i: avatar.frames[i]) for i in range(count)]
+
+    tile_width = fit_tile_width(frames[0].shape[1], np.array(avatar.rects))
+
+    def encoder(i: int) -> Callable[[int], SplicedBackground]:
+        return lambda quality: cache.encoded("bench", i, frames[i], SpliceSettings(quality, tile_width=tile_width))
+
     batches = []
     for start in range(0, count, batch):
         idx = [(start + j) % count for j in range(batch)]
-        prepared = [Prepared(avatar.frames[i], avatar.rects[i], avatar.crops[i], None, True) for i in idx]
+        prepared = [Prepared(frames[i], avatar.rects[i], avatar.crops[i], None, True, encoder(i)) for i in idx]
         batches.append((prepared, avatar.mouths[idx]))
     compositors = {n: Compositor(n, "jpeg", JPEG_QUALITY) for n in (1, 2)}
     loop = asyncio.new_event_loop()
@@ -391,7 +442,8 @@ def start_services(models_dir: Path, work: Path, no_spin: bool) -> Services:
     ]
     in_process_args = ["--in-process", "--set", "inference.config=inference.yaml"]
     in_process_env = {"LIPSYNC_ONNX__INTRA_OP_THREADS": str(ORT_THREADS)}
-    names = ["inference", "in_process", "separated"] + (["in_process_no_spin"] if no_spin else [])
+    names = ["inference", "in_process", "separated", "separated_no_splice"]
+    names += ["in_process_no_spin"] if no_spin else []
     ports = {name: free_port() for name in names}
     procs: dict[str, ServiceProcess] = {}
 
@@ -415,7 +467,11 @@ def start_services(models_dir: Path, work: Path, no_spin: bool) -> Services:
         first = start("in_process", [*compositing, *in_process_args], in_process_env)
         inference.wait_serving(180)
         first.wait_serving(300)  # it decodes the video into frames_dir: the others start after it (no decode race)
-        later = [start("separated", [*compositing, "--inference-url", f"127.0.0.1:{ports['inference']}"])]
+        remote = [*compositing, "--inference-url", f"127.0.0.1:{ports['inference']}"]
+        later = [
+            start("separated", remote),
+            start("separated_no_splice", [*remote, "--set", "output.jpeg_splicing=false"]),
+        ]
         if no_spin:
             env = {**in_process_env, "LIPSYNC_ONNX__ALLOW_SPINNING": "false"}
             later.append(start("in_process_no_spin", [*compositing, *in_process_args], env))
@@ -525,6 +581,7 @@ class ProcessMeter:
 MODE_PROCS = {
     "in_process": ["in_process"],
     "separated": ["separated", "inference"],
+    "separated_no_splice": ["separated_no_splice", "inference"],
     "in_process_no_spin": ["in_process_no_spin"],
 }
 
@@ -684,6 +741,21 @@ def bench_services(
             )
             result[model_id] = summary
             samples[model_id] = {m: r[-1] for m, r in replies.items()}
+        result["splicing"] = {}
+        for model_id in models:
+            plan = SERVICE_PLANS[model_id]
+            common.log(f"splicing/{model_id}: separated with output.jpeg_splicing true vs false")
+            summary, _ = paired_modes(
+                model_id,
+                plan,
+                services,
+                stubs,
+                "separated_no_splice",
+                "separated",
+                plan.block_seconds * scale,
+                plan.blocks,
+            )
+            result["splicing"][model_id] = summary
         if spinning:
             result["spinning"] = {}
             for model_id in models:
@@ -850,12 +922,15 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for label, g in result.get("geometry", {}).items():
         summary[f"composite_ratio_{label}"] = g["composite_ratio"]
+        summary[f"composite_ratio_full_{label}"] = g["composite_ratio_full"]
     for label, t in result.get("threads", {}).items():
         summary[f"compositor_threads_2_vs_1_{label}"] = t["ratio_2_vs_1"]
     services = result.get("services", {})
     for model_id in SERVICE_PLANS:
         if model_id in services:
             summary[f"separated_vs_in_process_{model_id}"] = services[model_id]["separated_vs_in_process"]
+    for model_id, s in services.get("splicing", {}).items():
+        summary[f"splicing_on_vs_off_{model_id}"] = s["separated_vs_separated_no_splice"]
     for model_id, s in services.get("spinning", {}).items():
         summary[f"in_process_no_spin_vs_spin_{model_id}"] = s["in_process_no_spin_vs_in_process"]
     if "bytes_per_frame" in result:

@@ -4,21 +4,33 @@ OpenCV's resize and JPEG encoder release the GIL, so threads scale on the
 cores without the cost of moving frames between processes. OpenCV's own
 internal threading is turned off: with a frame per thread it only adds
 contention (bench/README.md has the measurement).
+
+JPEG frames are spliced by default (``output.jpeg_splicing``): only the
+restart intervals under the mouth are encoded, between the background's
+cached encode (jpeg_splice.py, docs/decisions/0007). The full composited frame
+is never built on that path; where splicing cannot apply, the frame is encoded
+whole and the reason counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
-from .geometry import Rect, crop_328, encode_image, model_input, paste_back
+from .geometry import Rect, crop_328, draw_mouth, encode_image, model_input, paste_back
+from .jpeg_splice import SplicedBackground, encode_composite
+
+# The background's cached restart-marker encode at a JPEG quality (the avatar fixes sampling and tile width).
+EncodedFor = Callable[[int], SplicedBackground]
 
 
 @dataclass
@@ -28,14 +40,37 @@ class Prepared:
     crop328: np.ndarray
     visual: np.ndarray | None  # uint8 [6, 320, 320] when built here
     cache_hit: bool
+    # The background's restart-marker encode at a quality (cached with the frame); None: no splicing.
+    encoded: EncodedFor | None = None
+
+
+@dataclass
+class EncodeCounts:
+    """JPEG frames spliced or encoded whole, and why whole (a jpeg_splice.FallbackReason value, or 'disabled')."""
+
+    spliced: int = 0
+    full: int = 0
+    fallbacks: collections.Counter = field(default_factory=collections.Counter)
 
 
 class Compositor:
-    def __init__(self, threads: int, output_format: str, jpeg_quality: int) -> None:
+    def __init__(
+        self,
+        threads: int,
+        output_format: str,
+        jpeg_quality: int,
+        *,
+        splicing: bool = True,
+        subsampling: str = "420",
+    ) -> None:
         cv2.setNumThreads(1)
         self.threads = threads or os.cpu_count() or 1
         self.output_format = output_format
         self.jpeg_quality = jpeg_quality
+        self.splicing = splicing
+        self.subsampling = subsampling
+        self.counts = EncodeCounts()
+        self._counts_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="composite")
 
     async def _map(self, fn: Callable, items: Sequence) -> list:
@@ -44,16 +79,21 @@ class Compositor:
 
     async def prepare(
         self,
-        jobs: Sequence[tuple[Callable[[], tuple[np.ndarray, bool]], Rect]],
+        jobs: Sequence[tuple[Callable[[], tuple[np.ndarray, bool]], Rect, Callable[[np.ndarray], EncodedFor] | None]],
         build_visual: bool,
     ) -> list[Prepared]:
-        """Fetch each background (cache or disk) and build its 328 crop and, if asked, the model input."""
+        """Fetch each background (cache or disk) and build its 328 crop and, if asked, the model input.
 
-        def one(job: tuple[Callable[[], tuple[np.ndarray, bool]], Rect]) -> Prepared:
-            fetch, rect = job
+        A job is (fetch, rect, encoder): ``encoder(frame)`` gives the frame's cached restart-marker encodes for
+        splicing (None: this frame is encoded whole).
+        """
+
+        def one(job: tuple) -> Prepared:
+            fetch, rect, encoder = job
             frame, hit = fetch()
             crop = crop_328(frame, rect)
-            return Prepared(frame, rect, crop, model_input(crop) if build_visual else None, hit)
+            visual = model_input(crop) if build_visual else None
+            return Prepared(frame, rect, crop, visual, hit, encoder(frame) if encoder is not None else None)
 
         return await self._map(one, jobs)
 
@@ -63,21 +103,37 @@ class Compositor:
         mouths: np.ndarray,
         output_format: str | None = None,
         jpeg_quality: int | None = None,
-    ) -> tuple[list[bytes], float]:
-        """Encoded frames in order (the service's format and quality unless given), and the summed encode ms."""
+    ) -> tuple[list[bytes], float, int]:
+        """Encoded frames in order (the service's format and quality unless given), the summed encode ms, and
+        how many were spliced."""
         fmt = output_format or self.output_format
         quality = jpeg_quality or self.jpeg_quality
+        quality_for_splice = quality if fmt == "jpeg" and self.splicing else None
 
-        def one(i: int) -> tuple[bytes, float]:
+        def one(i: int) -> tuple[bytes, float, str | None]:
             item = prepared[i]
+            if quality_for_splice is not None and item.encoded is not None:
+                started = time.perf_counter()
+
+                def draw(dst: np.ndarray) -> None:  # straight into the box: no patch array, no full frame
+                    draw_mouth(dst, item.crop328, mouths[i], reuse_crop=True)
+
+                data, reason = encode_composite(item.encoded(quality_for_splice), item.frame, item.rect, draw)
+                return data, (time.perf_counter() - started) * 1000.0, reason.value if reason else None
             frame = item.frame.copy()
             paste_back(frame, item.rect, item.crop328, mouths[i])
             started = time.perf_counter()
-            data = encode_image(frame, fmt, quality)
-            return data, (time.perf_counter() - started) * 1000.0
+            data = encode_image(frame, fmt, quality, self.subsampling)
+            return data, (time.perf_counter() - started) * 1000.0, "disabled"
 
         results = await self._map(one, range(len(prepared)))
-        return [r[0] for r in results], sum(r[1] for r in results)
+        spliced = sum(1 for r in results if r[2] is None)
+        if fmt == "jpeg":
+            with self._counts_lock:
+                self.counts.spliced += spliced
+                self.counts.full += len(results) - spliced
+                self.counts.fallbacks.update(r[2] for r in results if r[2] is not None)
+        return [r[0] for r in results], sum(r[1] for r in results), spliced
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -64,6 +64,11 @@ class CompositingConfig:
     frames_cache_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "lipsync-frames")
     output_format: str = "jpeg"
     jpeg_quality: int = 75
+    # Re-encode only the restart intervals under the mouth (jpeg_splice.py); the same bytes as a full encode
+    # with restart markers. Off: the plain full-frame encode.
+    jpeg_splicing: bool = True
+    jpeg_subsampling: str = "420"
+    jpeg_tile_width: int = 0  # pixels per restart interval; 0: fitted to each avatar's rectangles
     frame_order: str = "ping_pong"
     composite_threads: int = 0  # 0 = one per core
     models: Mapping[str, AvatarConfig] = field(default_factory=dict)
@@ -255,6 +260,9 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Compositi
         frames_cache_dir=Path(cache_dir).expanduser() if cache_dir else Path(tempfile.gettempdir()) / "lipsync-frames",
         output_format=output.str("format", "jpeg", choices=["jpeg", "png"]) or "jpeg",
         jpeg_quality=output.int("jpeg_quality", 75, minimum=1, maximum=100),
+        jpeg_splicing=output.bool("jpeg_splicing", True),
+        jpeg_subsampling=output.str("jpeg_subsampling", "420", choices=["420", "422", "444"]) or "420",
+        jpeg_tile_width=output.int("jpeg_tile_width", 0, minimum=0, maximum=65536),
         frame_order=output.str("frame_order", "ping_pong", choices=FRAME_ORDERS) or "ping_pong",
         models=models,
         log_inference_times=logging_section.bool("log_inference_times", False),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,8 +21,9 @@ from .avatars import Avatar, AvatarEntry, AvatarRegistry
 from .cache import BackgroundCache
 from .compositor import Compositor
 from .config import CompositingConfig
-from .geometry import frame_index
+from .geometry import encode_image, frame_index
 from .inference_client import InferenceBackend, make_backend
+from .jpeg_splice import SplicedBackground, SpliceSettings, fit_tile_width
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class CompositeResult:
     cache_hits: int
     cache_misses: int
     utterance_frames: int = 0
+    spliced_frames: int = 0
 
 
 class CompositingCore:
@@ -56,7 +59,15 @@ class CompositingCore:
         self.cache = BackgroundCache(config.background_cache_bytes, config.background_cache_frames)
         self.avatars = AvatarRegistry(config, self.cache)
         self.backend = backend or make_backend(config)
-        self.compositor = Compositor(config.composite_threads, config.output_format, config.jpeg_quality)
+        self.compositor = Compositor(
+            config.composite_threads,
+            config.output_format,
+            config.jpeg_quality,
+            splicing=config.jpeg_splicing,
+            subsampling=config.jpeg_subsampling,
+        )
+        self.jpeg_counts: dict[str, list[int]] = {}  # per avatar: [spliced, encoded whole]
+        self._tile_widths: weakref.WeakKeyDictionary[Avatar, int] = weakref.WeakKeyDictionary()
         self.version = __version__
         self.metrics: ServiceMetrics | None = None  # set by the server: every batch (unary or session) is counted
 
@@ -138,7 +149,10 @@ class CompositingCore:
             indices = [
                 frame_index(start_frame_idx + i, avatar.num_frames, self.config.frame_order) for i in range(batch_size)
             ]
-            jobs = [(self._fetcher(model_id, avatar, idx), avatar.rect(idx)) for idx in indices]
+            jobs = [
+                (self._fetcher(model_id, avatar, idx), avatar.rect(idx), self._encoder(model_id, avatar, idx))
+                for idx in indices
+            ]
             prepared = await self.compositor.prepare(jobs, build_visual=client_visual is None)
             hits = sum(p.cache_hit for p in prepared)
             visual = client_visual if client_visual is not None else np.stack([p.visual for p in prepared])
@@ -148,7 +162,13 @@ class CompositingCore:
             call_ms = (time.perf_counter() - call_started) * 1000.0
             inference_ms = mouths.inference_ms
             composite_started = time.perf_counter()
-            jpegs, encode_ms = await self.compositor.composite(prepared, mouths.mouths, output_format, jpeg_quality)
+            jpegs, encode_ms, spliced = await self.compositor.composite(
+                prepared, mouths.mouths, output_format, jpeg_quality
+            )
+            if (output_format or self.config.output_format) == "jpeg":
+                counts = self.jpeg_counts.setdefault(model_id, [0, 0])
+                counts[0] += spliced
+                counts[1] += batch_size - spliced
             composite_ms = (time.perf_counter() - composite_started) * 1000.0
             frames = batch_size
         finally:
@@ -200,7 +220,35 @@ class CompositingCore:
             cache_hits=hits,
             cache_misses=batch_size - hits,
             utterance_frames=mouths.utterance_frames,
+            spliced_frames=spliced,
         )
+
+    def splice_settings(self, avatar: Avatar, quality: int) -> SpliceSettings:
+        """The avatar's splice settings: its tile width is fitted to where its mouths sit, once per avatar."""
+        width = self._tile_widths.get(avatar)
+        if width is None:
+            width = self.config.jpeg_tile_width or fit_tile_width(
+                avatar.frame_shape[1], avatar.rects, self.config.jpeg_subsampling
+            )
+            self._tile_widths[avatar] = width
+        return SpliceSettings(quality, self.config.jpeg_subsampling, width)
+
+    def _encoder(self, model_id: str, avatar: Avatar, index: int) -> Callable[[np.ndarray], Callable] | None:
+        if not self.config.jpeg_splicing:
+            return None
+
+        def for_frame(frame: np.ndarray) -> Callable[[int], SplicedBackground]:
+            return lambda quality: self.cache.encoded(model_id, index, frame, self.splice_settings(avatar, quality))
+
+        return for_frame
+
+    def background_image(self, avatar: Avatar, index: int, frame: np.ndarray, fmt: str, quality: int) -> bytes:
+        """A background frame as it would be sent with no mouth on it (idle frames of a session): with splicing,
+        the cached restart-marker encode itself, which costs nothing once built (blocking)."""
+        if fmt == "jpeg" and self.config.jpeg_splicing:
+            settings = self.splice_settings(avatar, quality)
+            return self.cache.encoded(avatar.model_id, index, frame, settings).jpeg
+        return encode_image(frame, fmt, quality, self.config.jpeg_subsampling)
 
     def _fetcher(self, model_id: str, avatar: Avatar, index: int) -> Callable[[], tuple[np.ndarray, bool]]:
         return lambda: self.cache.fetch(model_id, index, avatar.read_frame)

@@ -34,25 +34,47 @@ def model_input(crop328: np.ndarray) -> np.ndarray:
     return out
 
 
-def paste_back(frame: np.ndarray, rect: Rect, crop328: np.ndarray, mouth: np.ndarray) -> None:
-    """Write the generated crop (uint8 [3, 320, 320], already truncated) over ``frame`` in place.
+def draw_mouth(dst: np.ndarray, crop328: np.ndarray, mouth: np.ndarray, *, reuse_crop: bool = False) -> np.ndarray:
+    """Draw into ``dst`` (the rectangle's view, [h, w, 3]) what the reference writes over ``frame[y1:y2, x1:x2]``
+    for a generated crop (uint8 [3, 320, 320], already truncated).
 
-    The 4-pixel border of the 328 crop keeps the original pixels; the whole
-    328 crop is resized back to the rectangle, with no feathering.
+    The 4-pixel border of the 328 crop keeps the original pixels; the whole 328 crop is resized back to the
+    rectangle, with no feathering. ``reuse_crop`` writes the mouth into ``crop328`` itself (a request's own crop,
+    used once) instead of a copy.
     """
-    x1, y1, x2, y2 = rect
-    crop = crop328.copy()
+    crop = crop328 if reuse_crop else crop328.copy()
     # cv2.merge interleaves the planes ~3x faster than assigning a transposed view (bench/README.md).
     crop[INNER, INNER] = cv2.merge((mouth[0], mouth[1], mouth[2]))
-    frame[y1:y2, x1:x2] = cv2.resize(crop, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
+    h, w = dst.shape[:2]
+    return cv2.resize(crop, (w, h), dst=dst, interpolation=cv2.INTER_CUBIC)
 
 
-def encode_image(frame: np.ndarray, fmt: str, quality: int) -> bytes:
+def mouth_patch(rect: Rect, crop328: np.ndarray, mouth: np.ndarray) -> np.ndarray:
+    """The pixels of ``draw_mouth`` as a new array."""
+    x1, y1, x2, y2 = rect
+    return draw_mouth(np.empty((y2 - y1, x2 - x1, 3), np.uint8), crop328, mouth)
+
+
+def paste_back(frame: np.ndarray, rect: Rect, crop328: np.ndarray, mouth: np.ndarray) -> None:
+    """Write the generated crop over ``frame`` in place, as the reference does (see ``mouth_patch``)."""
+    x1, y1, x2, y2 = rect
+    draw_mouth(frame[y1:y2, x1:x2], crop328, mouth)
+
+
+SAMPLING_FACTORS = {
+    "420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
+    "422": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
+    "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
+}
+
+
+def encode_image(frame: np.ndarray, fmt: str, quality: int, subsampling: str = "420") -> bytes:
     """JPEG at ``quality`` (what clients get), or lossless PNG (for checking pixels end to end)."""
     if fmt == "png":
         ok, data = cv2.imencode(".png", frame, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     else:
-        ok, data = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, SAMPLING_FACTORS[subsampling]]
+        ok, data = cv2.imencode(".jpg", frame, params)
     if not ok:  # pragma: no cover - OpenCV only fails on invalid arrays, which never reach here
         raise RuntimeError(f"{fmt} encoding failed")
     return data.tobytes()

@@ -32,6 +32,9 @@ def core_metrics(core: CompositingCore, servicer: CompositingServicer, state: di
     evictions = CounterMetricFamily("lipsync_cache_evictions", "Background frames evicted.", labels=["model"])
     frames = GaugeMetricFamily("lipsync_cache_frames", "Background frames cached.", labels=["model"])
     per_model = GaugeMetricFamily("lipsync_cache_model_bytes", "Bytes of background frames cached.", labels=["model"])
+    encoded = GaugeMetricFamily(
+        "lipsync_cache_encoded_bytes", "Bytes of cached background encodes reused by spliced JPEG.", labels=["model"]
+    )
     for model_id in sorted(core.config.models):
         stats = core.cache.stats(model_id)
         hits.add_metric([model_id], stats.hits)
@@ -39,6 +42,7 @@ def core_metrics(core: CompositingCore, servicer: CompositingServicer, state: di
         evictions.add_metric([model_id], stats.evictions)
         frames.add_metric([model_id], stats.frames)
         per_model.add_metric([model_id], stats.bytes)
+        encoded.add_metric([model_id], stats.encoded_bytes)
     total = GaugeMetricFamily("lipsync_cache_bytes", "Bytes of background frames cached in all.")
     total.add_metric([], core.cache.total_bytes)
     limit = GaugeMetricFamily("lipsync_cache_max_bytes", "The cache's bound (capacity.background_cache_mb).")
@@ -49,7 +53,32 @@ def core_metrics(core: CompositingCore, servicer: CompositingServicer, state: di
     sessions.add_metric([], servicer.active_sessions)
     reachable = GaugeMetricFamily("lipsync_inference_reachable", "1 while the inference service answers Health.")
     reachable.add_metric([], 1 if state.get("inference_ok", True) else 0)
-    return [hits, misses, evictions, frames, per_model, total, limit, avatars, sessions, reachable]
+    counts = core.compositor.counts
+    jpeg = CounterMetricFamily("lipsync_jpeg_frames", "JPEG frames by how they were encoded.", labels=["path"])
+    jpeg.add_metric(["spliced"], counts.spliced)
+    jpeg.add_metric(["full"], counts.full)
+    fallbacks = CounterMetricFamily(
+        "lipsync_jpeg_full_encodes",
+        "JPEG frames encoded whole, by reason (disabled: output.jpeg_splicing off; else a FallbackReason).",
+        labels=["reason"],
+    )
+    for reason, count in sorted(counts.fallbacks.items()):
+        fallbacks.add_metric([reason], count)
+    return [
+        hits,
+        misses,
+        evictions,
+        frames,
+        per_model,
+        encoded,
+        total,
+        limit,
+        avatars,
+        sessions,
+        reachable,
+        jpeg,
+        fallbacks,
+    ]
 
 
 async def watch_inference(core: CompositingCore, running: RunningServer, state: dict | None = None) -> None:

@@ -191,6 +191,7 @@ class CompositingServicer(SessionServicerMixin, pb_grpc.CompositingServiceServic
             cache_hits=result.cache_hits,
             cache_misses=result.cache_misses,
             utterance_frames=result.utterance_frames,
+            spliced_frames=result.spliced_frames,
         )
 
     def _stats(self, entry: AvatarEntry | None, model_id: str) -> pb.ModelStats:
@@ -201,8 +202,11 @@ class CompositingServicer(SessionServicerMixin, pb_grpc.CompositingServiceServic
             cached_frames=cache.frames,
             cache_bytes=cache.bytes,
             cache_evictions=cache.evictions,
-            memory_bytes=cache.bytes,
+            memory_bytes=cache.bytes + cache.encoded_bytes,
+            cache_encoded_bytes=cache.encoded_bytes,
         )
+        spliced, full = self.core.jpeg_counts.get(model_id, (0, 0))
+        stats.jpeg_spliced_frames, stats.jpeg_full_frames = spliced, full
         if entry is not None:
             stats.usage_count = entry.usage_count
             stats.last_used_unix_ms = entry.last_used_unix_ms
@@ -284,4 +288,6 @@ class CompositingServicer(SessionServicerMixin, pb_grpc.CompositingServiceServic
             cache_bytes=self.core.cache.total_bytes,
             cache_max_bytes=self.core.config.background_cache_bytes,
             active_sessions=self.active_sessions,
+            jpeg_spliced_frames=self.core.compositor.counts.spliced,
+            jpeg_full_frames=self.core.compositor.counts.full,
         )

@@ -49,7 +49,7 @@ from inference_service.audio import (
 from service_common.errors import InvalidArgument, ResourceExhausted
 
 from .core import CompositingCore
-from .geometry import encode_image, frame_index
+from .geometry import frame_index
 
 log = logging.getLogger(__name__)
 
@@ -448,7 +448,12 @@ class StreamSession:
                     self.core.cache.get, self.options.model_id, background, self.avatar.read_frame
                 )
                 image = await asyncio.to_thread(
-                    encode_image, frame, self.options.output_format, self.options.jpeg_quality
+                    self.core.background_image,
+                    self.avatar,
+                    background,
+                    frame,
+                    self.options.output_format,
+                    self.options.jpeg_quality,
                 )
                 await self._put(FrameOut(index, index / self.options.fps, image, background, False, 0, 0))
         except asyncio.CancelledError:

@@ -38,7 +38,7 @@ class CompositeBatchRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., visual_frames: _Optional[bytes] = ..., raw_audio: _Optional[bytes] = ..., audio_features: _Optional[bytes] = ..., batch_size: _Optional[int] = ..., start_frame_idx: _Optional[int] = ..., sample_rate: _Optional[int] = ..., visual_dtype: _Optional[_Union[_inference_pb2.DType, str]] = ..., audio_features_shape: _Optional[_Iterable[int]] = ..., audio_encoding: _Optional[_Union[_inference_pb2.AudioEncoding, str]] = ..., audio_offset_samples: _Optional[int] = ..., utterance_samples: _Optional[int] = ..., first_frame: _Optional[int] = ...) -> None: ...
 
 class CompositeBatchResponse(_message.Message):
-    __slots__ = ("composited_frames", "inference_time_ms", "composite_time_ms", "total_time_ms", "audio_processing_ms", "model_loaded", "model_load_time_ms", "success", "error", "gpu_id", "frame_indices", "prepare_time_ms", "queue_time_ms", "inference_call_ms", "device", "cache_hits", "cache_misses", "utterance_frames")
+    __slots__ = ("composited_frames", "inference_time_ms", "composite_time_ms", "total_time_ms", "audio_processing_ms", "model_loaded", "model_load_time_ms", "success", "error", "gpu_id", "frame_indices", "prepare_time_ms", "queue_time_ms", "inference_call_ms", "device", "cache_hits", "cache_misses", "utterance_frames", "spliced_frames")
     COMPOSITED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     COMPOSITE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class CompositeBatchResponse(_message.Message):
     CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     UTTERANCE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    SPLICED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     composited_frames: _containers.RepeatedScalarFieldContainer[bytes]
     inference_time_ms: float
     composite_time_ms: float
@@ -75,7 +76,8 @@ class CompositeBatchResponse(_message.Message):
     cache_hits: int
     cache_misses: int
     utterance_frames: int
-    def __init__(self, composited_frames: _Optional[_Iterable[bytes]] = ..., inference_time_ms: _Optional[float] = ..., composite_time_ms: _Optional[float] = ..., total_time_ms: _Optional[float] = ..., audio_processing_ms: _Optional[float] = ..., model_loaded: _Optional[bool] = ..., model_load_time_ms: _Optional[float] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., gpu_id: _Optional[int] = ..., frame_indices: _Optional[_Iterable[int]] = ..., prepare_time_ms: _Optional[float] = ..., queue_time_ms: _Optional[float] = ..., inference_call_ms: _Optional[float] = ..., device: _Optional[str] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., utterance_frames: _Optional[int] = ...) -> None: ...
+    spliced_frames: int
+    def __init__(self, composited_frames: _Optional[_Iterable[bytes]] = ..., inference_time_ms: _Optional[float] = ..., composite_time_ms: _Optional[float] = ..., total_time_ms: _Optional[float] = ..., audio_processing_ms: _Optional[float] = ..., model_loaded: _Optional[bool] = ..., model_load_time_ms: _Optional[float] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., gpu_id: _Optional[int] = ..., frame_indices: _Optional[_Iterable[int]] = ..., prepare_time_ms: _Optional[float] = ..., queue_time_ms: _Optional[float] = ..., inference_call_ms: _Optional[float] = ..., device: _Optional[str] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., utterance_frames: _Optional[int] = ..., spliced_frames: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -148,7 +150,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("healthy", "inference_server_healthy", "loaded_models", "max_models", "version", "inference_server_url", "inference_mode", "cache_bytes", "cache_max_bytes", "active_sessions")
+    __slots__ = ("healthy", "inference_server_healthy", "loaded_models", "max_models", "version", "inference_server_url", "inference_mode", "cache_bytes", "cache_max_bytes", "active_sessions", "jpeg_spliced_frames", "jpeg_full_frames")
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_SERVER_HEALTHY_FIELD_NUMBER: _ClassVar[int]
     LOADED_MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +161,8 @@ class HealthResponse(_message.Message):
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHE_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    JPEG_SPLICED_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    JPEG_FULL_FRAMES_FIELD_NUMBER: _ClassVar[int]
     healthy: bool
     inference_server_healthy: bool
     loaded_models: int
@@ -169,7 +173,9 @@ class HealthResponse(_message.Message):
     cache_bytes: int
     cache_max_bytes: int
     active_sessions: int
-    def __init__(self, healthy: _Optional[bool] = ..., inference_server_healthy: _Optional[bool] = ..., loaded_models: _Optional[int] = ..., max_models: _Optional[int] = ..., version: _Optional[str] = ..., inference_server_url: _Optional[str] = ..., inference_mode: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., cache_max_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ...) -> None: ...
+    jpeg_spliced_frames: int
+    jpeg_full_frames: int
+    def __init__(self, healthy: _Optional[bool] = ..., inference_server_healthy: _Optional[bool] = ..., loaded_models: _Optional[int] = ..., max_models: _Optional[int] = ..., version: _Optional[str] = ..., inference_server_url: _Optional[str] = ..., inference_mode: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., cache_max_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., jpeg_spliced_frames: _Optional[int] = ..., jpeg_full_frames: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model_id", "loaded", "model_path", "background_dir", "crop_rects_path", "stats", "num_frames", "frame_width", "frame_height")
@@ -194,7 +200,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., loaded: _Optional[bool] = ..., model_path: _Optional[str] = ..., background_dir: _Optional[str] = ..., crop_rects_path: _Optional[str] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., num_frames: _Optional[int] = ..., frame_width: _Optional[int] = ..., frame_height: _Optional[int] = ...) -> None: ...
 
 class ModelStats(_message.Message):
-    __slots__ = ("usage_count", "last_used_unix_ms", "total_inference_time_ms", "memory_bytes", "loaded_unix_ms", "total_frames", "mean_inference_time_ms", "cache_hits", "cache_misses", "cached_frames", "cache_bytes", "cache_evictions", "load_time_ms")
+    __slots__ = ("usage_count", "last_used_unix_ms", "total_inference_time_ms", "memory_bytes", "loaded_unix_ms", "total_frames", "mean_inference_time_ms", "cache_hits", "cache_misses", "cached_frames", "cache_bytes", "cache_evictions", "load_time_ms", "cache_encoded_bytes", "jpeg_spliced_frames", "jpeg_full_frames")
     USAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_INFERENCE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +214,9 @@ class ModelStats(_message.Message):
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHE_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     LOAD_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ENCODED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    JPEG_SPLICED_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    JPEG_FULL_FRAMES_FIELD_NUMBER: _ClassVar[int]
     usage_count: int
     last_used_unix_ms: int
     total_inference_time_ms: float
@@ -221,7 +230,10 @@ class ModelStats(_message.Message):
     cache_bytes: int
     cache_evictions: int
     load_time_ms: float
-    def __init__(self, usage_count: _Optional[int] = ..., last_used_unix_ms: _Optional[int] = ..., total_inference_time_ms: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., loaded_unix_ms: _Optional[int] = ..., total_frames: _Optional[int] = ..., mean_inference_time_ms: _Optional[float] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cached_frames: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_evictions: _Optional[int] = ..., load_time_ms: _Optional[float] = ...) -> None: ...
+    cache_encoded_bytes: int
+    jpeg_spliced_frames: int
+    jpeg_full_frames: int
+    def __init__(self, usage_count: _Optional[int] = ..., last_used_unix_ms: _Optional[int] = ..., total_inference_time_ms: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., loaded_unix_ms: _Optional[int] = ..., total_frames: _Optional[int] = ..., mean_inference_time_ms: _Optional[float] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cached_frames: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_evictions: _Optional[int] = ..., load_time_ms: _Optional[float] = ..., cache_encoded_bytes: _Optional[int] = ..., jpeg_spliced_frames: _Optional[int] = ..., jpeg_full_frames: _Optional[int] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
     __slots__ = ("config", "audio", "control")

@@ -200,3 +200,47 @@ def test_health_service_is_serving(compositing) -> None:
         )
     assert status == health_pb2.HealthCheckResponse.SERVING
     assert inference_pb2.DTYPE_UINT8 == 2
+
+
+@pytest.fixture(scope="module")
+def jpeg_servers(models_dir: Path, inference):
+    """Two JPEG replicas beside the PNG one: splicing on (the default) and off."""
+    spliced = ServerThread.compositing(make_compositing_config(models_dir, inference.address, warmup=False))
+    whole = ServerThread.compositing(
+        make_compositing_config(models_dir, inference.address, **{"warmup": False, "output.jpeg_splicing": False})
+    )
+    yield spliced, whole
+    spliced.stop()
+    whole.stop()
+
+
+def test_spliced_jpeg_is_the_full_encode_of_the_composited_frame(comp_stub, jpeg_servers, models_dir: Path) -> None:
+    from compositing_service.jpeg_splice import SpliceSettings, encode_with_restarts, fit_tile_width
+
+    spliced_server, whole_server = jpeg_servers
+    audio = loud_audio(4)
+    request = pb.CompositeBatchRequest(model_id="demo", audio_features=audio.tobytes(), batch_size=4, start_frame_idx=9)
+    lossless = decode(comp_stub.InferBatchComposite(request).composited_frames)  # the composited frames (PNG)
+    with (
+        grpc.insecure_channel(spliced_server.address, options=OPTIONS) as a,
+        grpc.insecure_channel(whole_server.address, options=OPTIONS) as b,
+    ):
+        spliced_stub = compositing_pb2_grpc.CompositingServiceStub(a)
+        spliced = spliced_stub.InferBatchComposite(request)
+        whole = compositing_pb2_grpc.CompositingServiceStub(b).InferBatchComposite(request)
+        assert spliced.spliced_frames == 4 and whole.spliced_frames == 0
+        # The tiles are fitted to the demo avatar's rectangles (160 px: two tiles hold its 273 px mouths).
+        rects = json.loads((models_dir / "avatar" / "crop_rects.json").read_text())
+        settings = SpliceSettings(75, tile_width=fit_tile_width(1280, rects))
+        assert settings.tile_width == 160
+        for frame, got, plain in zip(lossless, spliced.composited_frames, whole.composited_frames, strict=True):
+            # Byte for byte the full-frame encode (same quality, sampling and restart interval) of the frame ...
+            assert got == encode_with_restarts(frame, settings)
+            # ... without splicing, the plain encode; both decode to the same pixels.
+            assert plain == cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 75])[1].tobytes()
+            assert np.array_equal(decode([got])[0], decode([plain])[0])
+        stats = spliced_stub.GetModelStats(pb.GetModelStatsRequest(model_id="demo")).models[0].stats
+        assert stats.jpeg_spliced_frames >= 4 and stats.jpeg_full_frames == 0
+        assert 0 < stats.cache_encoded_bytes < stats.cache_bytes
+        health = spliced_stub.Health(pb.HealthRequest())
+        assert health.jpeg_spliced_frames >= 4 and health.jpeg_full_frames == 0
