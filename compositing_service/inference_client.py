@@ -300,11 +300,25 @@ class InProcessInference:
     ) -> MouthBatch:
         if isinstance(audio, RawAudio):
             coro = self.core.infer(
-                model_id, visual, None, batch_size=visual.shape[0], raw_audio=audio, output_dtype=np.uint8
+                model_id,
+                visual,
+                None,
+                batch_size=visual.shape[0],
+                raw_audio=audio,
+                output_dtype=np.uint8,
+                deadline=deadline,
+                client=request_log.client_name(),
             )
         else:
             coro = self.core.infer(
-                model_id, visual, audio, batch_size=visual.shape[0], audio_shape=audio.shape, output_dtype=np.uint8
+                model_id,
+                visual,
+                audio,
+                batch_size=visual.shape[0],
+                audio_shape=audio.shape,
+                output_dtype=np.uint8,
+                deadline=deadline,
+                client=request_log.client_name(),
             )
         if deadline is not None:
             left = deadline - time.monotonic()

@@ -28,12 +28,25 @@ GIB = 1024**3
 
 
 @dataclass(frozen=True)
+class BatchingConfig:
+    """Dynamic batching of concurrent requests for one model on one device (inference_service/batching.py)."""
+
+    enabled: bool = False
+    max_batch_frames: int = 16  # a batch closes at this many frames ...
+    # ... or when its oldest request has waited this long for others to join. 0: a free worker takes what is
+    # queued at once (batches still grow under load, while workers are busy) and a lone request never waits.
+    max_queue_delay_ms: float = 0.0
+    max_queue_frames: int = 256  # frames waiting per model and device; beyond: RESOURCE_EXHAUSTED
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model_id: str
     model_path: Path
     audio_encoder_path: Path | None = None
     preload: bool = False
     preferred_gpu: int | None = None
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
 
 
 @dataclass(frozen=True)
@@ -47,8 +60,19 @@ class OnnxConfig:
     allow_spinning: bool = True
     # CUDA execution provider options (see docs/gpu.md).
     cudnn_conv_algo_search: str = "HEURISTIC"
+    cudnn_conv_use_max_workspace: bool = True
     cuda_mem_limit_gb: float = 0.0
     arena_extend_strategy: str = "kNextPowerOfTwo"
+    # Bind inputs and outputs to reusable buffers on the model's device ("auto": on GPUs only).
+    io_binding: str = "auto"
+    # CUDA graphs: one captured graph per batch size listed; other sizes are padded up to the next one.
+    cuda_graph: bool = False
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
+    # TensorRT execution provider in front of CUDA, with its engines cached on disk.
+    tensorrt: bool = False
+    tensorrt_fp16: bool = False
+    tensorrt_cache_dir: Path | None = None
+    tensorrt_max_workspace_gb: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -97,9 +121,42 @@ def load_config(
     return parse_config(*read_config(path, overrides, environ), serving=serving)
 
 
+def graph_sizes(onnx: Section) -> tuple[int, ...]:
+    value = onnx.data.get("cuda_graph_batch_sizes", [1, 2, 4, 8, 16])
+    if not isinstance(value, list) or not value or not all(isinstance(v, int) and v > 0 for v in value):
+        raise ConfigError(f"{onnx.key('cuda_graph_batch_sizes')}: expected a list of positive batch sizes")
+    return tuple(sorted(set(value)))
+
+
+def parse_batching(section: Section, defaults: BatchingConfig) -> BatchingConfig:
+    """``batching`` (the defaults) or ``models.<id>.batching`` (a model's own, over the defaults)."""
+    for key in section.unknown_keys(["enabled", "max_batch_frames", "max_queue_delay_ms", "max_queue_frames"]):
+        raise ConfigError(
+            f"{key}: unknown key (expected enabled, max_batch_frames, max_queue_delay_ms, max_queue_frames)"
+        )
+    return BatchingConfig(
+        enabled=section.bool("enabled", defaults.enabled),
+        max_batch_frames=section.int("max_batch_frames", defaults.max_batch_frames, minimum=1, maximum=4096),
+        max_queue_delay_ms=section.float("max_queue_delay_ms", defaults.max_queue_delay_ms, minimum=0.0),
+        max_queue_frames=section.int("max_queue_frames", defaults.max_queue_frames, minimum=1),
+    )
+
+
 def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: bool = True) -> InferenceConfig:
     root = Section(raw)
-    known = ["models_root", "server", "gpus", "capacity", "onnx", "models", "logging", "warmup", "auth", "metrics"]
+    known = [
+        "models_root",
+        "server",
+        "gpus",
+        "capacity",
+        "onnx",
+        "models",
+        "logging",
+        "warmup",
+        "auth",
+        "metrics",
+        "batching",
+    ]
     for key in root.unknown_keys(known):
         log.warning("config: unknown key %s ignored", key)
 
@@ -142,7 +199,18 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: 
             "arena_extend_strategy", "kNextPowerOfTwo", choices=["kNextPowerOfTwo", "kSameAsRequested"]
         )
         or "kNextPowerOfTwo",
+        cudnn_conv_use_max_workspace=onnx.bool("cudnn_conv_use_max_workspace", True),
+        io_binding=onnx.str("io_binding", "auto", choices=["auto", "on", "off"]) or "auto",
+        cuda_graph=onnx.bool("cuda_graph", False),
+        cuda_graph_batch_sizes=graph_sizes(onnx),
+        tensorrt=onnx.bool("tensorrt", False),
+        tensorrt_fp16=onnx.bool("tensorrt_fp16", False),
+        tensorrt_cache_dir=resolve_under(
+            models_root, onnx.str("tensorrt_cache_dir", ".trt-cache") or ".trt-cache", onnx.key("tensorrt_cache_dir")
+        ),
+        tensorrt_max_workspace_gb=onnx.float("tensorrt_max_workspace_gb", 2.0, minimum=0.1),
     )
+    batching_defaults = parse_batching(root.section("batching"), BatchingConfig())
 
     gpu_count = gpus.int("count", 0, minimum=0)
     models: dict[str, ModelConfig] = {}
@@ -168,10 +236,11 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: 
             audio_encoder_path=encoder_path,
             preload=section.bool("preload", False),
             preferred_gpu=None if preferred < 0 else preferred,
+            batching=parse_batching(section.section("batching"), batching_defaults),
         )
 
     logging_section = root.section("logging")
-    return InferenceConfig(
+    config = InferenceConfig(
         models_root=models_root,
         host=host,
         port=port,
@@ -206,3 +275,6 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: 
             default_queued=64,
         ),
     )
+    if onnx_cfg.cuda_graph and onnx_cfg.io_binding == "off":
+        raise ConfigError("onnx.cuda_graph: CUDA graphs need bound buffers; onnx.io_binding must not be off")
+    return config

@@ -18,9 +18,10 @@ from service_common.errors import FailedPrecondition, InvalidArgument
 
 from . import __version__
 from .audio import RawAudio, batch_features
-from .config import InferenceConfig
+from .batching import Batcher
+from .config import BatchingConfig, InferenceConfig
 from .devices import Device, select_devices
-from .engine import DeviceWorkers, LipSyncModel
+from .engine import DeviceWorkers, LipSyncModel, current_worker
 from .registry import LoadOutcome, ModelEntry, ModelRegistry
 from .tensors import audio_windows, batch_of, to_model_input, to_output_dtype
 
@@ -37,6 +38,8 @@ class InferResult:
     device: Device
     load: LoadOutcome | None  # set when this request loaded the model
     utterance_frames: int = 0  # with raw audio: frames the reference renders for the utterance
+    batch_frames: int = 0  # frames of the forward pass it was part of
+    batch_requests: int = 1
 
 
 @dataclass
@@ -54,6 +57,7 @@ class InferenceCore:
         self.devices = devices if devices is not None else select_devices(config)
         self.registry = ModelRegistry(config, self.devices)
         self.workers = {d.label: DeviceWorkers(d, config.max_queue_per_device) for d in self.devices}
+        self.batchers: dict[tuple[str, str], Batcher] = {}
         self.version = __version__
 
     @property
@@ -87,12 +91,14 @@ class InferenceCore:
         raw_audio: RawAudio | None = None,
         output_dtype: type | np.dtype = np.float32,
         deadline: float | None = None,
+        client: str = "",
     ) -> InferResult:
         """Run a batch. ``visual`` is flat or shaped uint8/float32; shapes are checked here.
 
         Audio is either model features (``audio_features``, which win when both are given) or speech
         (``raw_audio``), turned into features on the model's device by its audio encoder. ``deadline`` is on
-        the monotonic clock: a batch still waiting for a worker when it passes is not run.
+        the monotonic clock: a batch still waiting for a worker when it passes is not run. With the model's
+        ``batching`` enabled, the request shares a forward pass with others (``client`` keeps that fair).
         """
         if batch_size < 0:
             raise InvalidArgument(
@@ -130,12 +136,31 @@ class InferenceCore:
                 raw_audio.check(frames)
                 audio = raw_audio
             pool = self.workers[model.device.label]
-            run = await pool.run(_run_batch, model, frames_in, audio, np.dtype(output_dtype), deadline=deadline)
-            inference_ms = run.run_ms - run.value.audio_ms
+            if entry.spec.batching.enabled:
+                batched = await self._batcher(model, entry.spec.batching).submit(
+                    frames_in, audio, np.dtype(output_dtype), client, deadline
+                )
+                inference_ms = batched.inference_ms
+            else:
+                run = await pool.run(_run_batch, model, frames_in, audio, np.dtype(output_dtype), deadline=deadline)
+                inference_ms = run.run_ms - run.value.audio_ms
         except BaseException:
             self.registry.release(entry)
             raise
         self.registry.release(entry, frames, inference_ms)
+        if entry.spec.batching.enabled:
+            return InferResult(
+                batched.outputs,
+                inference_ms,
+                batched.queue_ms,
+                batched.audio_ms,
+                batched.worker_id,
+                model.device,
+                load,
+                batched.utterance_frames,
+                batched.batch_frames,
+                batched.batch_requests,
+            )
         done: _BatchOutput = run.value
         return InferResult(
             done.outputs,
@@ -146,7 +171,17 @@ class InferenceCore:
             model.device,
             load,
             done.utterance_frames,
+            frames,
+            1,
         )
+
+    def _batcher(self, model: LipSyncModel, config: BatchingConfig) -> Batcher:
+        """The model's batcher on its device; a reloaded model gets a new one (the old one ends when idle)."""
+        key = (model.model_id, model.device.label)
+        batcher = self.batchers.get(key)
+        if batcher is None or batcher.model is not model or batcher.config != config:
+            batcher = self.batchers[key] = Batcher(model, self.workers[model.device.label], config)
+        return batcher
 
     # -- management --------------------------------------------------------
 
@@ -162,7 +197,8 @@ class InferenceCore:
         for device in self.devices:
             mine = [e for e in entries if e.model.device.label == device.label]
             pool = self.workers[device.label]
-            out.append(DeviceStatus(device, len(mine), sum(e.memory_bytes for e in mine), pool.active, pool.queued))
+            used = self.registry.device_bytes(device)
+            out.append(DeviceStatus(device, len(mine), used, pool.active, pool.queued))
         return out
 
 
@@ -177,13 +213,14 @@ def _run_batch(
     model: LipSyncModel, visual: np.ndarray, audio: np.ndarray | RawAudio, output_dtype: np.dtype
 ) -> _BatchOutput:
     """Worker-thread part: audio features if needed, dtype conversion, the forward pass, output conversion."""
+    worker = current_worker()
     audio_ms = 0.0
     utterance = 0
     if isinstance(audio, RawAudio):
         started = time.perf_counter()
-        audio, utterance = batch_features(audio, len(visual), model.encode_audio)
+        audio, utterance = batch_features(audio, len(visual), lambda chunks: model.encode_audio(chunks, worker))
         audio_ms = (time.perf_counter() - started) * 1000.0
     if visual.dtype == np.float32 and not np.isfinite(visual).all():
         raise InvalidArgument("visual_frames: contains NaN or infinity")
-    out = model.run(to_model_input(visual), np.ascontiguousarray(audio, dtype=np.float32))
+    out = model.run(to_model_input(visual), np.ascontiguousarray(audio, dtype=np.float32), worker)
     return _BatchOutput(to_output_dtype(out, output_dtype), audio_ms, utterance)

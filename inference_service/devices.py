@@ -21,6 +21,7 @@ from .config import InferenceConfig, OnnxConfig
 log = logging.getLogger(__name__)
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
+TENSORRT_PROVIDER = "TensorrtExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 
 
@@ -127,8 +128,13 @@ def select_devices(
     return [cpu_device(config)]
 
 
-def providers_for(device: Device, onnx: OnnxConfig) -> list[str | tuple[str, dict[str, str]]]:
-    """Provider list for a session on ``device``; the CPU provider is always the fallback."""
+def providers_for(device: Device, onnx: OnnxConfig, max_batch: int = 64) -> list[str | tuple[str, dict[str, str]]]:
+    """Provider list for a session on ``device``; the CPU provider is always the fallback.
+
+    On a GPU: the CUDA provider with the configured options (``enable_cuda_graph`` when CUDA graphs are on), and
+    with ``onnx.tensorrt`` the TensorRT provider in front of it, its engines and timing cache kept in
+    ``onnx.tensorrt_cache_dir`` and one optimization profile from batch 1 to ``max_batch``.
+    """
     if device.kind != "cuda":
         return [CPU_PROVIDER]
     options: dict[str, str] = {
@@ -136,11 +142,35 @@ def providers_for(device: Device, onnx: OnnxConfig) -> list[str | tuple[str, dic
         "cudnn_conv_algo_search": onnx.cudnn_conv_algo_search,
         "arena_extend_strategy": onnx.arena_extend_strategy,
         "do_copy_in_default_stream": "1",
-        "cudnn_conv_use_max_workspace": "1",
+        "cudnn_conv_use_max_workspace": "1" if onnx.cudnn_conv_use_max_workspace else "0",
     }
     if onnx.cuda_mem_limit_gb:
         options["gpu_mem_limit"] = str(int(onnx.cuda_mem_limit_gb * 1024**3))
-    return [(CUDA_PROVIDER, options), CPU_PROVIDER]
+    if onnx.cuda_graph:
+        options["enable_cuda_graph"] = "1"
+    providers: list[str | tuple[str, dict[str, str]]] = [(CUDA_PROVIDER, options), CPU_PROVIDER]
+    if onnx.tensorrt:
+        providers.insert(0, (TENSORRT_PROVIDER, tensorrt_options(device, onnx, max_batch)))
+    return providers
+
+
+def tensorrt_options(device: Device, onnx: OnnxConfig, max_batch: int) -> dict[str, str]:
+    def shapes(batch: int) -> str:
+        return f"input:{batch}x6x320x320,audio:{batch}x32x16x16"
+
+    cache = str(onnx.tensorrt_cache_dir) if onnx.tensorrt_cache_dir else ".trt-cache"
+    return {
+        "device_id": str(device.index),
+        "trt_fp16_enable": "1" if onnx.tensorrt_fp16 else "0",
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": cache,
+        "trt_timing_cache_enable": "1",
+        "trt_timing_cache_path": cache,
+        "trt_max_workspace_size": str(int(onnx.tensorrt_max_workspace_gb * 1024**3)),
+        "trt_profile_min_shapes": shapes(1),
+        "trt_profile_opt_shapes": shapes(min(8, max_batch)),
+        "trt_profile_max_shapes": shapes(max_batch),
+    }
 
 
 _OPT_LEVELS = {

@@ -24,8 +24,9 @@ import onnxruntime as ort
 
 from service_common.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted
 
+from .binding import BoundRunner
 from .config import OnnxConfig
-from .devices import Device, providers_for, session_options
+from .devices import CUDA_PROVIDER, TENSORRT_PROVIDER, Device, providers_for, session_options
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,14 @@ def result_wait_ms(submitted: float) -> float:
     return (time.perf_counter() - submitted) * 1000.0
 
 
+_WORKER = threading.local()  # each pool thread's index in its pool (a thread belongs to one pool)
+
+
+def current_worker() -> int:
+    """The index of the pool worker running the calling thread (0 outside a pool)."""
+    return getattr(_WORKER, "index", 0)
+
+
 class DeviceWorkers:
     """A bounded worker pool for one device."""
 
@@ -72,6 +81,7 @@ class DeviceWorkers:
 
     def _init_worker(self) -> None:
         self._local.worker_id = next(self._ids)
+        _WORKER.index = self._local.worker_id
 
     async def run(self, fn: Callable[..., T], *args: Any, deadline: float | None = None) -> RunResult:
         """Run ``fn(*args)`` on a worker; queue time and run time are measured apart.
@@ -139,17 +149,28 @@ def _static_dims(shape: list[Any], default: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) and d > 0 else default[i] for i, d in enumerate(dims))
 
 
-def create_session(path: Path, device: Device, onnx: OnnxConfig) -> ort.InferenceSession:
+def create_session(path: Path, device: Device, onnx: OnnxConfig, max_batch: int = 64) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(
-            str(path), sess_options=session_options(onnx), providers=providers_for(device, onnx)
+            str(path), sess_options=session_options(onnx), providers=providers_for(device, onnx, max_batch)
         )
     except Exception as exc:  # ORT raises its own exception types for bad files
         raise InvalidArgument(f"model file {path.name}: ONNX Runtime could not load it ({exc})") from exc
 
 
+def binding_device(session: ort.InferenceSession) -> str:
+    """Where a session's buffers live: the provider ORT actually chose (CUDA falls back to the CPU when absent)."""
+    first = session.get_providers()[0]
+    return "cuda" if first in (CUDA_PROVIDER, TENSORRT_PROVIDER) else "cpu"
+
+
 class LipSyncModel:
-    """A loaded UNet (and its audio encoder when configured) on one device."""
+    """A loaded UNet (and its audio encoder when configured) on one device.
+
+    On a GPU every worker gets its own session (its own CUDA stream, and the only way to use CUDA graphs, which
+    forbid concurrent runs of one session); the CPU shares one session, whose intra-op threads serve all.
+    With IOBinding (``onnx.io_binding``: on GPUs by default) each worker runs through a ``BoundRunner``.
+    """
 
     def __init__(
         self,
@@ -158,13 +179,15 @@ class LipSyncModel:
         device: Device,
         onnx: OnnxConfig,
         encoder_path: Path | None = None,
+        max_batch: int = 64,
     ) -> None:
         self.model_id = model_id
         self.path = path
         self.encoder_path = encoder_path
         self.device = device
-        self.session = create_session(path, device, onnx)
-        self.encoder = create_session(encoder_path, device, onnx) if encoder_path else None
+        count = device.workers if device.kind == "cuda" else 1
+        self.sessions = [create_session(path, device, onnx, max_batch) for _ in range(count)]
+        self.encoders = [create_session(encoder_path, device, onnx) for _ in range(count)] if encoder_path else []
         inputs = {i.name: i for i in self.session.get_inputs()}
         if set(inputs) != {VISUAL_INPUT, AUDIO_INPUT}:
             raise InvalidArgument(
@@ -181,31 +204,72 @@ class LipSyncModel:
             if -1 in dims:
                 raise InvalidArgument(f"model file {path.name}: {name} must be 4-D [batch, C, H, W]")
         self.providers = self.session.get_providers()
-        self.memory_bytes = path.stat().st_size + (encoder_path.stat().st_size if encoder_path else 0)
+        location = binding_device(self.session)
+        use_binding = onnx.io_binding == "on" or (onnx.io_binding == "auto" and location == "cuda")
+        self.graph_sizes = onnx.cuda_graph_batch_sizes if onnx.cuda_graph and location == "cuda" else ()
+        self.runners = (
+            [
+                BoundRunner(
+                    self.sessions[w % count],
+                    (VISUAL_INPUT, AUDIO_INPUT),
+                    self.output_name,
+                    self.output_shape,
+                    location,
+                    max(device.index, 0),
+                    self.graph_sizes,
+                )
+                for w in range(device.workers)
+            ]
+            if use_binding or self.graph_sizes
+            else []
+        )
+        weights = path.stat().st_size + (encoder_path.stat().st_size if encoder_path else 0)
+        self.weights_bytes = weights
+        self.memory_bytes = weights * count  # every session holds its own copy of the weights
 
-    def run(self, visual: np.ndarray, audio: np.ndarray) -> np.ndarray:
-        """One forward pass; inputs already validated float32 C-contiguous."""
+    @property
+    def session(self) -> ort.InferenceSession:
+        return self.sessions[0]
+
+    @property
+    def encoder(self) -> ort.InferenceSession | None:
+        return self.encoders[0] if self.encoders else None
+
+    @property
+    def device_buffer_bytes(self) -> int:
+        return sum(r.device_bytes for r in self.runners)
+
+    def run(self, visual: np.ndarray, audio: np.ndarray, worker: int = 0) -> np.ndarray:
+        """One forward pass on ``worker``'s session; inputs already validated float32 C-contiguous."""
         try:
-            (out,) = self.session.run([self.output_name], {VISUAL_INPUT: visual, AUDIO_INPUT: audio})
+            if self.runners:
+                return self.runners[worker % len(self.runners)].run(visual, audio)
+            session = self.sessions[worker % len(self.sessions)]
+            (out,) = session.run([self.output_name], {VISUAL_INPUT: visual, AUDIO_INPUT: audio})
         except Exception as exc:
             raise Internal(f"model {self.model_id}: inference failed ({exc})") from exc
         return out
 
-    def encode_audio(self, chunks: np.ndarray) -> np.ndarray:
+    def encode_audio(self, chunks: np.ndarray, worker: int = 0) -> np.ndarray:
         """Mel chunks [N, 1, 80, 16] to embeddings [N, 512] with the model's audio encoder, on its device."""
-        assert self.encoder is not None
+        assert self.encoders
+        encoder = self.encoders[worker % len(self.encoders)]
         try:
-            (out,) = self.encoder.run(None, {self.encoder.get_inputs()[0].name: chunks})
+            (out,) = encoder.run(None, {encoder.get_inputs()[0].name: chunks})
         except Exception as exc:
             raise Internal(f"model {self.model_id}: audio encoder failed ({exc})") from exc
         return out.reshape(len(chunks), -1)
 
-    def warm_up(self) -> None:
-        """One run at load so the first request does not pay for allocation and kernel choice."""
-        visual = np.zeros((1, *self.visual_shape), np.float32)
-        audio = np.zeros((1, *self.audio_shape), np.float32)
-        self.run(visual, audio)
-        if self.encoder is not None:
-            enc_input = self.encoder.get_inputs()[0]
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Runs at load so the first requests do not pay for allocation and kernel choice (and, with CUDA graphs,
+        so every graph is captured): each batch size on every worker's session."""
+        sizes = sorted(set(batch_sizes) | set(self.graph_sizes))
+        for worker in range(max(len(self.runners), len(self.sessions))):
+            for size in sizes:
+                visual = np.zeros((size, *self.visual_shape), np.float32)
+                audio = np.zeros((size, *self.audio_shape), np.float32)
+                self.run(visual, audio, worker)
+        for encoder in self.encoders:
+            enc_input = encoder.get_inputs()[0]
             dims = [d if isinstance(d, int) and d > 0 else 1 for d in enc_input.shape]
-            self.encoder.run(None, {enc_input.name: np.zeros(dims, np.float32)})
+            encoder.run(None, {enc_input.name: np.zeros(dims, np.float32)})

@@ -37,6 +37,9 @@ MODEL_FILE = "model.onnx"
 ENCODER_FILE = "audio_encoder.onnx"
 
 
+GPU_MEMORY_FRACTION = 0.9  # of a GPU's memory that models may be placed into (the rest: activations, arenas)
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -91,9 +94,18 @@ class ModelRegistry:
     # -- model specs -------------------------------------------------------
 
     def _default_factory(self, spec: ModelConfig, device: Device) -> LipSyncModel:
-        model = LipSyncModel(spec.model_id, spec.model_path, device, self.config.onnx, spec.audio_encoder_path)
+        model = LipSyncModel(
+            spec.model_id,
+            spec.model_path,
+            device,
+            self.config.onnx,
+            spec.audio_encoder_path,
+            max_batch=self.config.max_batch_size,
+        )
         if self.config.warmup:
-            model.warm_up()
+            # With batching, the batch size it forms under load is warmed too (a cold size costs a first run).
+            sizes = (1, spec.batching.max_batch_frames) if spec.batching.enabled else (1,)
+            model.warm_up(sizes)
         return model
 
     def inside_root(self, relative: str, field_name: str) -> Path:
@@ -140,7 +152,14 @@ class ModelRegistry:
 
     # -- placement and capacity --------------------------------------------
 
+    def device_bytes(self, device: Device) -> int:
+        """Memory accounted to a device: every session's weights and the bound buffers of its models."""
+        with self._lock:
+            mine = [e for e in self._entries.values() if e.model.device.label == device.label]
+        return sum(e.memory_bytes + getattr(e.model, "device_buffer_bytes", 0) for e in mine)
+
     def _place(self, spec: ModelConfig) -> Device:
+        """``preferred_gpu`` if set; else round-robin, passing over a GPU the model would not fit in."""
         if spec.preferred_gpu is not None:
             for device in self.devices:
                 if device.gpu_id == spec.preferred_gpu:
@@ -148,7 +167,16 @@ class ModelRegistry:
             log.warning(
                 "model %s: preferred_gpu %d not available, placing round-robin", spec.model_id, spec.preferred_gpu
             )
-        return self.devices[next(self._round_robin) % len(self.devices)]
+        start = next(self._round_robin)
+        order = [self.devices[(start + k) % len(self.devices)] for k in range(len(self.devices))]
+        estimate = spec.model_path.stat().st_size if spec.model_path.is_file() else 0
+        for device in order:
+            if device.kind != "cuda" or not device.total_memory_bytes:
+                return device
+            copies = device.workers  # a session per worker
+            if self.device_bytes(device) + estimate * copies <= device.total_memory_bytes * GPU_MEMORY_FRACTION:
+                return device
+        return order[0]
 
     def _victims(self, new_bytes: int, replacing: str | None) -> list[ModelEntry]:
         """LFU-ordered idle models to evict so that one more of ``new_bytes`` fits (lock held)."""

@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Iterable
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from service_common.cli import overrides_from, parser_for, run_server
 from service_common.metrics import ServiceMetrics
@@ -40,7 +40,17 @@ def core_metrics(core: InferenceCore) -> Iterable[Metric]:
         memory.add_metric(label, status.used_memory_bytes)
     loaded = GaugeMetricFamily("lipsync_loaded_models", "Models loaded in all.")
     loaded.add_metric([], len(core.registry.entries()))
-    return [workers, active, queued, models, memory, loaded]
+    batch_labels = ["model", "device"]
+    passes = CounterMetricFamily(
+        "lipsync_batcher_passes", "Forward passes formed by dynamic batching.", labels=batch_labels
+    )
+    batched = CounterMetricFamily("lipsync_batcher_frames", "Frames run in those passes.", labels=batch_labels)
+    waiting = GaugeMetricFamily("lipsync_batcher_queued_frames", "Frames waiting to be batched.", labels=batch_labels)
+    for (model_id, device), batcher in list(core.batchers.items()):
+        passes.add_metric([model_id, device], batcher.batches)
+        batched.add_metric([model_id, device], batcher.batched_frames)
+        waiting.add_metric([model_id, device], batcher.queued_frames)
+    return [workers, active, queued, models, memory, loaded, passes, batched, waiting]
 
 
 async def start_server(config: InferenceConfig, core: InferenceCore | None = None) -> RunningServer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
+from service_common import request_log
 from service_common.errors import InvalidArgument
 from service_common.grpc_glue import deadline_of, translate_errors
 from service_common.metrics import ServiceMetrics, report_batch
@@ -68,6 +69,15 @@ def model_stats(entry: ModelEntry) -> pb.ModelStats:
     )
 
 
+def client_of(context: grpc.aio.ServicerContext) -> str:
+    """Who a request is for, to share batches fairly: the end client a compositing replica names in
+    ``x-client-id``, else the caller's token name, else its address."""
+    for key, value in context.invocation_metadata() or ():
+        if key == request_log.CLIENT_KEY and value:
+            return str(value)[:128]
+    return request_log.client_name() or context.peer() or ""
+
+
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, core: InferenceCore, metrics: ServiceMetrics | None = None) -> None:
         self.core = core
@@ -93,6 +103,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             raw_audio=raw_audio_of(request),
             output_dtype=output_dtype,
             deadline=deadline_of(context),
+            client=client_of(context),
         )
         out = result.outputs
         report_batch(
@@ -118,6 +129,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             gpu_id=result.device.gpu_id,
             device=result.device.label,
             utterance_frames=result.utterance_frames,
+            batch_frames=result.batch_frames,
+            batch_requests=result.batch_requests,
         )
 
     def _model_info(self, model_id: str) -> pb.ModelInfo:

@@ -74,10 +74,24 @@ def request_id_from(metadata: Any) -> str:
     return uuid.uuid4().hex
 
 
-def outgoing_metadata() -> list[tuple[str, str]]:
-    """Metadata to pass the current request's id on to the next service."""
+CLIENT_KEY = "x-client-id"
+
+
+def client_name() -> str:
+    """Who the current request is for: its token's name, else its peer address ("" outside a request)."""
     record = _current.get()
-    return [(REQUEST_ID_KEY, record.request_id)] if record is not None else []
+    if record is None:
+        return ""
+    return record.principal or record.peer
+
+
+def outgoing_metadata() -> list[tuple[str, str]]:
+    """Metadata to pass on to the next service: the request's id, and the end client it serves (so inference
+    can share batches fairly between end clients, not between compositing replicas)."""
+    record = _current.get()
+    if record is None:
+        return []
+    return [(REQUEST_ID_KEY, record.request_id), (CLIENT_KEY, client_name()[:128])]
 
 
 # -- log output ---------------------------------------------------------------------

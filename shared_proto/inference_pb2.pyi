@@ -66,7 +66,7 @@ class RawMouthRegion(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InferBatchResponse(_message.Message):
-    __slots__ = ("outputs", "inference_time_ms", "audio_processing_ms", "success", "error", "worker_id", "gpu_id", "queue_time_ms", "device", "utterance_frames")
+    __slots__ = ("outputs", "inference_time_ms", "audio_processing_ms", "success", "error", "worker_id", "gpu_id", "queue_time_ms", "device", "utterance_frames", "batch_frames", "batch_requests")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     AUDIO_PROCESSING_MS_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,8 @@ class InferBatchResponse(_message.Message):
     QUEUE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     UTTERANCE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.RepeatedCompositeFieldContainer[RawMouthRegion]
     inference_time_ms: float
     audio_processing_ms: float
@@ -87,7 +89,9 @@ class InferBatchResponse(_message.Message):
     queue_time_ms: float
     device: str
     utterance_frames: int
-    def __init__(self, outputs: _Optional[_Iterable[_Union[RawMouthRegion, _Mapping]]] = ..., inference_time_ms: _Optional[float] = ..., audio_processing_ms: _Optional[float] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., worker_id: _Optional[int] = ..., gpu_id: _Optional[int] = ..., queue_time_ms: _Optional[float] = ..., device: _Optional[str] = ..., utterance_frames: _Optional[int] = ...) -> None: ...
+    batch_frames: int
+    batch_requests: int
+    def __init__(self, outputs: _Optional[_Iterable[_Union[RawMouthRegion, _Mapping]]] = ..., inference_time_ms: _Optional[float] = ..., audio_processing_ms: _Optional[float] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., worker_id: _Optional[int] = ..., gpu_id: _Optional[int] = ..., queue_time_ms: _Optional[float] = ..., device: _Optional[str] = ..., utterance_frames: _Optional[int] = ..., batch_frames: _Optional[int] = ..., batch_requests: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
