@@ -6,9 +6,9 @@ MODELS_DIR ?= models
 PROTOS := shared_proto/inference.proto shared_proto/compositing.proto
 
 # System packages: nginx (the load balancer of the local cluster), docker-compose (its config check in the tests),
-# chromium (the browser viewer's end-to-end test).
+# chromium (the browser viewer's end-to-end test), kubectl (`kubectl kustomize` of deploy/k8s in the tests).
 RUN_PACKAGES := nginx-light
-TEST_PACKAGES := nginx-light docker-compose chromium
+TEST_PACKAGES := nginx-light docker-compose chromium kubectl
 
 .PHONY: system-deps system-deps-test install proto proto-check lint test test-fast bench bench-inference bench-image-libs bench-compositing bench-cluster bench-stream bench-hardening bench-splice bench-batching models demo run clean
 

@@ -8,8 +8,8 @@
 - deploy/k8s/*.yaml: structure, selectors, probes, the inference URL, and the ConfigMap's configs through the
   services' own config parsers.
 
-nginx and docker-compose are required: a missing one fails the test with the package to install (Debian:
-nginx-light, docker-compose) rather than skipping it, so CI cannot go green without these checks.
+nginx, docker-compose and kubectl are required: a missing one fails the test with the package to install (Debian:
+nginx-light, docker-compose, kubectl) rather than skipping it, so CI cannot go green without these checks.
 """
 
 from __future__ import annotations
@@ -691,10 +691,9 @@ def test_images_are_the_ones_built_here(
 
 
 def test_kustomize_build(kustomization: dict[str, Any]) -> None:
-    """`kubectl kustomize` where kubectl exists (it is not a Debian package the project installs; optional)."""
+    """`kubectl kustomize` of deploy/k8s; make test installs kubectl, so a missing one fails (never a skip)."""
     kubectl = shutil.which("kubectl")
-    if not kubectl:
-        pytest.skip("kubectl not installed: the kustomize build itself is checked where it is")
+    assert kubectl, "kubectl not found: install it (make system-deps-test does)"
     result = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     built = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
