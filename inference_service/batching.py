@@ -33,7 +33,7 @@ from service_common.errors import DeadlineExceeded, InvalidArgument, ResourceExh
 from .audio import RawAudio, batch_features
 from .config import BatchingConfig
 from .engine import DeviceWorkers, LipSyncModel, current_worker
-from .tensors import to_output_dtype
+from .tensors import to_model_input, to_output_dtype
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,9 @@ class _Item:
 
 
 @dataclass
-class _Done:
+class Done:
+    """What ``run_requests`` gives back, one entry per request (``errors[k]`` set: request k did not run)."""
+
     outputs: list[np.ndarray | None]
     audio_ms: list[float]
     utterance_frames: list[int]
@@ -233,8 +235,8 @@ class Batcher:
     async def _run(self, batch: list[_Item]) -> None:
         try:
             started = time.perf_counter()
-            run = await self.pool.run(_run_batched, self.model, [(i.visual, i.audio, i.output_dtype) for i in batch])
-            done: _Done = run.value
+            run = await self.pool.run(run_requests, self.model, [(i.visual, i.audio, i.output_dtype) for i in batch])
+            done: Done = run.value
             frames = sum(i.frames for i in batch)
             self.batches += 1
             self.batched_frames += frames
@@ -268,15 +270,16 @@ class Batcher:
             self._changed.set()
 
 
-def _run_batched(model: LipSyncModel, items: list[tuple[np.ndarray, np.ndarray | RawAudio, np.dtype]]) -> _Done:
-    """Worker-thread part: each request's audio features, then one forward pass over all their frames.
+def run_requests(model: LipSyncModel, items: list[tuple[np.ndarray, np.ndarray | RawAudio, np.dtype]]) -> Done:
+    """Worker-thread part of a forward pass for one request or a batch of them: each request's audio features,
+    then one forward pass over all their frames, then each request's output conversion.
 
     A request that turns out invalid here (NaN pixels, speech the encoder cannot use) fails alone: the others
     still run.
     """
     worker = current_worker()
     valid: list[tuple[np.ndarray, np.ndarray]] = []
-    done = _Done([], [], [], [], 0.0)
+    done = Done([], [], [], [], 0.0)
     for visual, audio, _ in items:
         started = time.perf_counter()
         utterance = 0
@@ -295,29 +298,31 @@ def _run_batched(model: LipSyncModel, items: list[tuple[np.ndarray, np.ndarray |
     if not valid:
         done.outputs = [None] * len(items)
         return done
-    # Each request is converted straight into its rows of the batch (no per-request float copies to concatenate).
-    total = sum(len(v) for v, _ in valid)
-    visual_in = np.empty((total, *valid[0][0].shape[1:]), np.float32)
-    audio_in = np.empty((total, *np.shape(valid[0][1])[1:]), np.float32)
-    at = 0
-    for visual, audio in valid:
-        rows = slice(at, at + len(visual))
-        if visual.dtype == np.uint8:
-            np.divide(visual, np.float32(255.0), out=visual_in[rows], dtype=np.float32)
-        else:
-            visual_in[rows] = visual
-        audio_in[rows] = audio
-        at += len(visual)
+    if len(valid) == 1:
+        visual_in = to_model_input(valid[0][0])
+        audio_in = np.ascontiguousarray(valid[0][1], dtype=np.float32)
+    else:
+        # Each request is converted straight into its rows of the batch (no per-request float copies to join).
+        total = sum(len(v) for v, _ in valid)
+        visual_in = np.empty((total, *valid[0][0].shape[1:]), np.float32)
+        audio_in = np.empty((total, *np.shape(valid[0][1])[1:]), np.float32)
+        at = 0
+        for visual, audio in valid:
+            rows = slice(at, at + len(visual))
+            if visual.dtype == np.uint8:
+                np.divide(visual, np.float32(255.0), out=visual_in[rows], dtype=np.float32)
+            else:
+                visual_in[rows] = visual
+            audio_in[rows] = audio
+            at += len(visual)
     started = time.perf_counter()
     out = model.run(visual_in, audio_in, worker)
     done.forward_ms = (time.perf_counter() - started) * 1000.0
     at = 0
-    outputs: list[np.ndarray | None] = []
     for k, (visual, _, dtype) in enumerate(items):
         if done.errors[k] is None:
-            outputs.append(to_output_dtype(out[at : at + len(visual)], dtype))
+            done.outputs.append(to_output_dtype(out[at : at + len(visual)], dtype))
             at += len(visual)
         else:
-            outputs.append(None)
-    done.outputs = outputs
+            done.outputs.append(None)
     return done

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,13 +16,13 @@ import numpy as np
 from service_common.errors import FailedPrecondition, InvalidArgument
 
 from . import __version__
-from .audio import RawAudio, batch_features
-from .batching import Batcher
+from .audio import RawAudio
+from .batching import Batcher, Done, run_requests
 from .config import BatchingConfig, InferenceConfig
 from .devices import Device, select_devices
-from .engine import DeviceWorkers, LipSyncModel, current_worker
+from .engine import DeviceWorkers, LipSyncModel
 from .registry import LoadOutcome, ModelEntry, ModelRegistry
-from .tensors import audio_windows, batch_of, to_model_input, to_output_dtype
+from .tensors import audio_windows, batch_of
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +111,6 @@ class InferenceCore:
         if not use_features and raw_audio is None:
             raise InvalidArgument("audio_features: required (float32 [32,16,16] or [B,32,16,16]), or raw_audio")
         entry, load = await self._checkout(model_id)
-        inference_ms = 0.0
-        frames = 0
         try:
             model = entry.model
             frames_in = batch_of(visual.reshape(-1), model.visual_shape, batch_size, "visual_frames")
@@ -135,45 +132,46 @@ class InferenceCore:
                     )
                 raw_audio.check(frames)
                 audio = raw_audio
-            pool = self.workers[model.device.label]
             if entry.spec.batching.enabled:
-                batched = await self._batcher(model, entry.spec.batching).submit(
+                shared = await self._batcher(model, entry.spec.batching).submit(
                     frames_in, audio, np.dtype(output_dtype), client, deadline
                 )
-                inference_ms = batched.inference_ms
+                result = InferResult(
+                    shared.outputs,
+                    shared.inference_ms,
+                    shared.queue_ms,
+                    shared.audio_ms,
+                    shared.worker_id,
+                    model.device,
+                    load,
+                    shared.utterance_frames,
+                    shared.batch_frames,
+                    shared.batch_requests,
+                )
             else:
-                run = await pool.run(_run_batch, model, frames_in, audio, np.dtype(output_dtype), deadline=deadline)
-                inference_ms = run.run_ms - run.value.audio_ms
+                pool = self.workers[model.device.label]
+                items = [(frames_in, audio, np.dtype(output_dtype))]
+                run = await pool.run(run_requests, model, items, deadline=deadline)
+                done: Done = run.value
+                if done.errors[0] is not None:
+                    raise done.errors[0]
+                result = InferResult(
+                    done.outputs[0],
+                    run.run_ms - done.audio_ms[0],  # conversions and the forward pass
+                    run.queue_ms,
+                    done.audio_ms[0],
+                    run.worker_id,
+                    model.device,
+                    load,
+                    done.utterance_frames[0],
+                    frames,
+                    1,
+                )
         except BaseException:
             self.registry.release(entry)
             raise
-        self.registry.release(entry, frames, inference_ms)
-        if entry.spec.batching.enabled:
-            return InferResult(
-                batched.outputs,
-                inference_ms,
-                batched.queue_ms,
-                batched.audio_ms,
-                batched.worker_id,
-                model.device,
-                load,
-                batched.utterance_frames,
-                batched.batch_frames,
-                batched.batch_requests,
-            )
-        done: _BatchOutput = run.value
-        return InferResult(
-            done.outputs,
-            inference_ms,
-            run.queue_ms,
-            done.audio_ms,
-            run.worker_id,
-            model.device,
-            load,
-            done.utterance_frames,
-            frames,
-            1,
-        )
+        self.registry.release(entry, frames, result.inference_ms)
+        return result
 
     def _batcher(self, model: LipSyncModel, config: BatchingConfig) -> Batcher:
         """The model's batcher on its device; a reloaded model gets a new one (the old one ends when idle)."""
@@ -200,27 +198,3 @@ class InferenceCore:
             used = self.registry.device_bytes(device)
             out.append(DeviceStatus(device, len(mine), used, pool.active, pool.queued))
         return out
-
-
-@dataclass
-class _BatchOutput:
-    outputs: np.ndarray
-    audio_ms: float
-    utterance_frames: int
-
-
-def _run_batch(
-    model: LipSyncModel, visual: np.ndarray, audio: np.ndarray | RawAudio, output_dtype: np.dtype
-) -> _BatchOutput:
-    """Worker-thread part: audio features if needed, dtype conversion, the forward pass, output conversion."""
-    worker = current_worker()
-    audio_ms = 0.0
-    utterance = 0
-    if isinstance(audio, RawAudio):
-        started = time.perf_counter()
-        audio, utterance = batch_features(audio, len(visual), lambda chunks: model.encode_audio(chunks, worker))
-        audio_ms = (time.perf_counter() - started) * 1000.0
-    if visual.dtype == np.float32 and not np.isfinite(visual).all():
-        raise InvalidArgument("visual_frames: contains NaN or infinity")
-    out = model.run(to_model_input(visual), np.ascontiguousarray(audio, dtype=np.float32), worker)
-    return _BatchOutput(to_output_dtype(out, output_dtype), audio_ms, utterance)

@@ -49,11 +49,6 @@ class RunResult:
 
 _EXPIRED = object()  # a queued job whose deadline passed before a worker took it
 
-
-def result_wait_ms(submitted: float) -> float:
-    return (time.perf_counter() - submitted) * 1000.0
-
-
 _WORKER = threading.local()  # each pool thread's index in its pool (a thread belongs to one pool)
 
 
@@ -69,7 +64,6 @@ class DeviceWorkers:
         self.device = device
         self.max_queue = max_queue
         self._ids = itertools.count()
-        self._local = threading.local()
         self._lock = threading.Lock()
         self.active = 0
         self.queued = 0
@@ -80,8 +74,7 @@ class DeviceWorkers:
         )
 
     def _init_worker(self) -> None:
-        self._local.worker_id = next(self._ids)
-        _WORKER.index = self._local.worker_id
+        _WORKER.index = next(self._ids)
 
     async def run(self, fn: Callable[..., T], *args: Any, deadline: float | None = None) -> RunResult:
         """Run ``fn(*args)`` on a worker; queue time and run time are measured apart.
@@ -119,7 +112,7 @@ class DeviceWorkers:
                 value,
                 (started - submitted) * 1000.0,
                 (time.perf_counter() - started) * 1000.0,
-                getattr(self._local, "worker_id", 0),
+                current_worker(),
             )
 
         future = asyncio.get_running_loop().run_in_executor(self._executor, job)
@@ -130,9 +123,10 @@ class DeviceWorkers:
             abandoned.set()
             raise
         if result is _EXPIRED:
+            waited = (time.perf_counter() - submitted) * 1000.0
             raise DeadlineExceeded(
-                f"device {self.device.label}: the request's deadline passed after {result_wait_ms(submitted):.0f} ms "
-                "in the queue; it was not run"
+                f"device {self.device.label}: the request's deadline passed after {waited:.0f} ms in the queue; "
+                "it was not run"
             )
         assert isinstance(result, RunResult)
         return result
