@@ -291,7 +291,7 @@ def bench_geometry(avatar: Avatar, rounds: int) -> dict[str, Any]:
             "copy_paste (frame.copy + paste_back)": ms["copy_paste"],
             "encode (encode_image of the composited frame)": ms["encode"],
             "total (copy + paste_back + encode)": ms["total"],
-            "spliced (mouth_patch + encode_composite on the cached background encode)": ms["spliced"],
+            "spliced (draw_mouth into the box + encode_composite on the cached background encode)": ms["spliced"],
             "full_restarts (encode_with_restarts of the composited frame: what spliced equals)": ms["full_restarts"],
             "crop_build (crop_328 + model_input)": ms["crop_build"],
         },

@@ -10,6 +10,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .jpeg_splice import sampling_flag
+
 CROP_SIZE = 328
 INNER = slice(4, 324)  # the 320x320 model crop inside the 328 crop
 MASK_ROWS = slice(5, 310)  # cv2.rectangle(img, (5, 5, 310, 305), 0, -1): rows 5..309
@@ -49,23 +51,10 @@ def draw_mouth(dst: np.ndarray, crop328: np.ndarray, mouth: np.ndarray, *, reuse
     return cv2.resize(crop, (w, h), dst=dst, interpolation=cv2.INTER_CUBIC)
 
 
-def mouth_patch(rect: Rect, crop328: np.ndarray, mouth: np.ndarray) -> np.ndarray:
-    """The pixels of ``draw_mouth`` as a new array."""
-    x1, y1, x2, y2 = rect
-    return draw_mouth(np.empty((y2 - y1, x2 - x1, 3), np.uint8), crop328, mouth)
-
-
 def paste_back(frame: np.ndarray, rect: Rect, crop328: np.ndarray, mouth: np.ndarray) -> None:
-    """Write the generated crop over ``frame`` in place, as the reference does (see ``mouth_patch``)."""
+    """Write the generated crop over ``frame`` in place, as the reference does (see ``draw_mouth``)."""
     x1, y1, x2, y2 = rect
     draw_mouth(frame[y1:y2, x1:x2], crop328, mouth)
-
-
-SAMPLING_FACTORS = {
-    "420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
-    "422": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
-    "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
-}
 
 
 def encode_image(frame: np.ndarray, fmt: str, quality: int, subsampling: str = "420") -> bytes:
@@ -73,7 +62,7 @@ def encode_image(frame: np.ndarray, fmt: str, quality: int, subsampling: str = "
     if fmt == "png":
         ok, data = cv2.imencode(".png", frame, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     else:
-        params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, SAMPLING_FACTORS[subsampling]]
+        params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, sampling_flag(subsampling)]
         ok, data = cv2.imencode(".jpg", frame, params)
     if not ok:  # pragma: no cover - OpenCV only fails on invalid arrays, which never reach here
         raise RuntimeError(f"{fmt} encoding failed")

@@ -50,6 +50,12 @@ _SAMPLING: dict[str, tuple[int, int, int]] = {
 }
 SUBSAMPLINGS = tuple(_SAMPLING)
 
+
+def sampling_flag(subsampling: str) -> int:
+    """OpenCV's IMWRITE_JPEG_SAMPLING_FACTOR value for "420", "422", "444", "440" or "411"."""
+    return _SAMPLING[subsampling][0]
+
+
 # Entropy-coded data stuffs every 0xFF as FF 00, so FF D0..FF D7 in a scan can only be a restart marker.
 _RST = re.compile(rb"\xff[\xd0-\xd7]")
 _RST_MARKERS = tuple(bytes((0xFF, 0xD0 + i)) for i in range(8))
@@ -126,7 +132,7 @@ class SpliceSettings:
             cv2.IMWRITE_JPEG_QUALITY,
             self.quality,
             cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
-            _SAMPLING[self.subsampling][0],
+            sampling_flag(self.subsampling),
             cv2.IMWRITE_JPEG_RST_INTERVAL,
             restart_interval,
         ]
