@@ -5,7 +5,6 @@ Validated at start; an invalid value raises ConfigError naming its dotted key.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -123,6 +122,20 @@ def parse_targets(value: Any, key: str) -> tuple[str, ...]:
     return targets
 
 
+def inference_hop_tls(remote: Section, base: Path, mode: str) -> ClientTls | None:
+    """TLS towards inference, or None for plain text, which must be asked for (remote mode only)."""
+    tls = parse_client_tls(remote, base)
+    plaintext = remote.bool("plaintext", False)
+    if mode == "remote" and tls is None and not plaintext:
+        raise ConfigError(
+            "inference_server.tls: no TLS configured for the hop to inference; set inference_server.tls.ca_file "
+            "(and cert_file/key_file for mutual TLS), or inference_server.plaintext: true (see docs/operations.md)"
+        )
+    if tls is not None and plaintext:
+        raise ConfigError("inference_server.plaintext: true conflicts with inference_server.tls; choose one")
+    return tls
+
+
 def inference_token(remote: Section, base: Path) -> str:
     """``inference_server.token_env`` (a variable's name) or ``token_file``: the token sent to an inference
     service that has auth enabled (it must be an admin token for LoadModel and UnloadModel to pass through)."""
@@ -232,7 +245,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Compositi
     session = root.section("session")
     logging_section = root.section("logging")
     cache_dir = root.str("frames_cache_dir", None)
-    config = CompositingConfig(
+    return CompositingConfig(
         models_root=models_root,
         host=host,
         port=port,
@@ -268,20 +281,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Compositi
         log_inference_times=logging_section.bool("log_inference_times", False),
         log_compositing_times=logging_section.bool("log_compositing_times", False),
         log_level=logging_section.str("level", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]) or "INFO",
-    )
-    # How to serve and how to reach inference last, so a config's other mistakes are named first.
-    inference_tls = parse_client_tls(remote, base)
-    plaintext = remote.bool("plaintext", False)
-    if mode == "remote" and inference_tls is None and not plaintext:
-        raise ConfigError(
-            "inference_server.tls: no TLS configured for the hop to inference; set inference_server.tls.ca_file "
-            "(and cert_file/key_file for mutual TLS), or inference_server.plaintext: true (see docs/operations.md)"
-        )
-    if inference_tls is not None and plaintext:
-        raise ConfigError("inference_server.plaintext: true conflicts with inference_server.tls; choose one")
-    return dataclasses.replace(
-        config,
+        # How to serve and how to reach inference last, so a config's other mistakes are named first.
         serving=parse_serving(root, base, host, default_metrics_port=9092),
-        inference_tls=inference_tls,
+        inference_tls=inference_hop_tls(remote, base, mode),
         inference_token=inference_token(remote, base),
     )
