@@ -56,6 +56,7 @@ class Admission:
                 f"server.max_inflight_requests={self.max_running}, server.max_queued_requests={self.max_waiting}); "
                 "retry later or on another replica",
                 retry_after_ms=self._retry_after_ms(),
+                reason="overloaded",
             )
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)

@@ -219,6 +219,7 @@ class Limits:
                 f"rate limit: token {principal.name!r} is limited to {principal.requests_per_second:g} "
                 "requests per second; retry later",
                 retry_after_ms=max(1, int(wait * 1000)),
+                reason="rate_limited",
             )
 
     def open_session(self, principal: Principal) -> None:
@@ -229,6 +230,7 @@ class Limits:
                     f"sessions: token {principal.name!r} already has {open_now} open (its max_sessions); "
                     "close one or retry later",
                     retry_after_ms=1000,
+                    reason="sessions",
                 )
             self._sessions[principal.name] = open_now + 1
 

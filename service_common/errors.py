@@ -15,10 +15,11 @@ class ServiceError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_ms: int | None = None, reason: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.retry_after_ms = retry_after_ms
+        self.reason = reason  # why a request was refused before any work, for metrics ("" when no such reason)
 
 
 class InvalidArgument(ServiceError):

@@ -26,7 +26,6 @@ from .errors import (
     DeadlineExceeded,
     InvalidArgument,
     PermissionDenied,
-    ResourceExhausted,
     ServiceError,
     Unauthenticated,
 )
@@ -54,16 +53,14 @@ class CallPolicy:
 
 
 def _reason(exc: ServiceError) -> str:
+    if exc.reason:
+        return exc.reason
     if isinstance(exc, Unauthenticated):
         return "unauthenticated"
     if isinstance(exc, PermissionDenied):
         return "permission_denied"
     if isinstance(exc, DeadlineExceeded):
         return "deadline"
-    if isinstance(exc, ResourceExhausted):
-        if exc.message.startswith("rate limit"):
-            return "rate_limited"
-        return "sessions" if exc.message.startswith("sessions") else "overloaded"
     return "other"
 
 
@@ -121,20 +118,22 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         decode = _decoder(handler.request_deserializer, method)
         is_session = kind == "stream_stream"
         serving = self._serving
+
         # Requests arrive as bytes and are decoded here: gRPC's own decoder answers UNKNOWN (and logs a traceback)
         # for a message that does not parse; a client sending garbage gets INVALID_ARGUMENT instead.
-        if kind in ("unary_stream", "stream_stream"):
+        async def decoded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if kind.startswith("stream_"):
+                return _decode_stream(request, decode)
+            try:
+                return decode(request)
+            except ServiceError as exc:
+                await abort_with(context, exc, method)
+
+        if kind.endswith("_stream"):
 
             async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 async with serving(method, metadata, is_session, context):
-                    if kind == "stream_stream":
-                        decoded = _decode_stream(request, decode)
-                    else:
-                        try:
-                            decoded = decode(request)
-                        except ServiceError as exc:
-                            await abort_with(context, exc, method)
-                    async for response in inner(decoded, context):
+                    async for response in inner(await decoded(request, context), context):
                         yield response
 
             behavior: Callable = stream_behavior
@@ -142,13 +141,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with serving(method, metadata, is_session, context):
-                    if kind == "stream_unary":
-                        return await inner(_decode_stream(request, decode), context)
-                    try:
-                        decoded = decode(request)
-                    except ServiceError as exc:
-                        await abort_with(context, exc, method)
-                    return await inner(decoded, context)
+                    return await inner(await decoded(request, context), context)
 
             behavior = unary_behavior
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
