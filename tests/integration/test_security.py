@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -147,7 +148,13 @@ def guarded(models_dir: Path, tmp_path: Path):
         make_compositing_config(
             models_dir,
             inference.address,
-            **{"auth.enabled": True, "auth.tokens_file": str(tokens), "warmup": False},
+            **{
+                "auth.enabled": True,
+                "auth.tokens_file": str(tokens),
+                "warmup": False,
+                "metrics.enabled": True,
+                "metrics.port": 0,
+            },
         )
     )
     yield compositing
@@ -204,6 +211,16 @@ def test_tokens_admin_and_limits(guarded: ServerThread) -> None:
         assert hints and all(0 < h <= 1000 for h in hints)
         # The admin's own bucket is untouched.
         assert stub.Health(pb.HealthRequest(), timeout=5, metadata=as_(ADMIN)).healthy
+    # Each refusal is counted under its reason.
+    with urllib.request.urlopen(f"http://127.0.0.1:{guarded.running.metrics_port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    rejected = {
+        line.split('reason="')[1].split('"')[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("lipsync_rejected_requests_total{")
+    }
+    assert rejected["unauthenticated"] >= 3 and rejected["permission_denied"] >= 1
+    assert rejected["rate_limited"] == outcomes.count("RESOURCE_EXHAUSTED"), rejected
 
 
 def test_sessions_per_token(guarded: ServerThread) -> None:
