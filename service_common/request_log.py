@@ -39,10 +39,6 @@ class RequestRecord:
 _current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar("lipsync_request", default=None)
 
 
-def current() -> RequestRecord | None:
-    return _current.get()
-
-
 def begin(record: RequestRecord) -> contextvars.Token:
     return _current.set(record)
 
@@ -109,7 +105,9 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "reque
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, request id, and any ``extra`` fields."""
+    """One JSON object per line: time (UTC), level, logger, message, request id, and any ``extra`` fields."""
+
+    converter = time.gmtime
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -129,9 +127,10 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    converter = time.gmtime
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.converter = time.gmtime
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
@@ -144,8 +143,6 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(_RequestIdFilter())
-    if fmt == "json":
-        handler.formatter.converter = time.gmtime  # type: ignore[union-attr]
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
