@@ -93,28 +93,23 @@ async def start_grpc_server(
     service_names: Sequence[str],
     grace_seconds: float,
     on_stop: Callable[[], Awaitable[None]],
+    serving: ServingConfig,
+    policy: CallPolicy,
     max_connection_age_s: float = 0.0,
-    serving: ServingConfig | None = None,
-    policy: CallPolicy | None = None,
 ) -> RunningServer:
-    """A grpc.aio server with the given services, grpc.health.v1 and reflection, started and SERVING.
-
-    ``serving`` None means plain text with no interceptor (the bench's bare servers).
-    """
-    interceptors = [ServiceInterceptor(policy)] if policy is not None else []
+    """A grpc.aio server with the given services, grpc.health.v1 and reflection, started and SERVING."""
     server = grpc.aio.server(
         options=server_options(max_message_bytes, max_connection_age_s),
-        interceptors=interceptors,
-        maximum_concurrent_rpcs=serving.max_concurrent_rpcs if serving is not None else None,
+        interceptors=[ServiceInterceptor(policy)],
+        maximum_concurrent_rpcs=serving.max_concurrent_rpcs,
     )
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{host}:{port}"
-    tls = serving is not None and serving.tls is not None
-    if tls:
-        assert serving is not None and serving.tls is not None
+    tls = serving.tls is not None
+    if serving.tls is not None:
         try:
             bound = server.add_secure_port(address, server_credentials(serving.tls))
         except TlsError as exc:
@@ -123,14 +118,14 @@ async def start_grpc_server(
         bound = server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"server.port: cannot listen on {address}")
-    metrics = policy.metrics if policy is not None else None
-    if serving is not None and metrics is not None and serving.metrics.enabled:
+    metrics = policy.metrics
+    if metrics is not None and serving.metrics.enabled:
         metrics_port = metrics.serve(serving.metrics.host, serving.metrics.port)
         log.info("metrics on http://%s:%d/metrics", serving.metrics.host, metrics_port)
-    if serving is not None and not tls and (policy is None or policy.tokens is None) and host not in LOOPBACK:
+    if not tls and policy.tokens is None and host not in LOOPBACK:
         log.warning("serving plain text without authentication on %s: anyone who reaches it may call it", address)
     probe_server = None
-    if serving is not None and serving.health_port:
+    if serving.health_port:
         probe_server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe_server)
         if probe_server.add_insecure_port(f"{host}:{serving.health_port}") == 0:
@@ -146,7 +141,7 @@ async def start_grpc_server(
         on_stop,
         metrics=metrics,
         policy=policy,
-        shutdown_delay_s=serving.shutdown_delay_s if serving is not None else 0.0,
+        shutdown_delay_s=serving.shutdown_delay_s,
         tls=tls,
         probe_server=probe_server,
     )
