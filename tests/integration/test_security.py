@@ -267,3 +267,18 @@ def test_compositing_passes_its_token_to_an_inference_service_with_auth(
     finally:
         compositing.stop()
         inference.stop()
+
+
+def test_client_cli_sends_the_token(guarded: ServerThread, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    from lipsync_client.cli import main
+
+    time.sleep(1.2)  # a full rate bucket for alice
+    assert main(["health", "--server", guarded.address, "--token", ALICE]) == 0
+    monkeypatch.setenv("LIPSYNC_TOKEN", ALICE)
+    assert main(["models", "--server", guarded.address]) == 0
+    assert "demo" in capsys.readouterr().out
+    monkeypatch.delenv("LIPSYNC_TOKEN")
+    assert main(["models", "--server", guarded.address]) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert main(["health", "--server", guarded.address, "--cert-file", "c.pem"]) == 1
+    assert "--cert-file and --key-file" in capsys.readouterr().err
