@@ -64,7 +64,7 @@ class SessionOptions:
     fps: float = 25.0
     output_format: str = "jpeg"
     jpeg_quality: int = 75
-    encoding: str = "s16le"
+    encoding: str = "f32le"  # as an unset SessionConfig.audio_encoding
     sample_rate: int = SAMPLE_RATE
     idle_frames: bool = False
     drop_late_frames: bool = False

@@ -28,7 +28,8 @@ def np_dtype(value: int, field: str) -> type:
         raise InvalidArgument(f"{field}: expected DTYPE_FLOAT32 or DTYPE_UINT8, got {value}") from None
 
 
-_ENCODINGS = {pb.AUDIO_ENCODING_UNSPECIFIED: "s16le", pb.AUDIO_PCM_S16LE: "s16le", pb.AUDIO_FLOAT32: "f32le"}
+# Unset means float32: what the Go system's clients send (and its inference server decoded).
+_ENCODINGS = {pb.AUDIO_ENCODING_UNSPECIFIED: "f32le", pb.AUDIO_PCM_S16LE: "s16le", pb.AUDIO_FLOAT32: "f32le"}
 
 
 def audio_encoding_name(value: int) -> str:

@@ -36,6 +36,7 @@ def test_infer_batch_accepts_common_rates(stub, rate: int) -> None:
             visual_frames=visual.tobytes(),
             visual_dtype=pb.DTYPE_UINT8,
             raw_audio=pcm.tobytes(),
+            audio_encoding=pb.AUDIO_PCM_S16LE,
             sample_rate=rate,
             batch_size=4,
             first_frame=40,
@@ -78,7 +79,12 @@ def test_composite_batches_with_context_equal_one_whole_request(models_dir: Path
             stub = compositing_pb2_grpc.CompositingServiceStub(ch)
             whole = stub.InferBatchComposite(
                 compositing_pb2.CompositeBatchRequest(
-                    model_id="demo", raw_audio=pcm.tobytes(), sample_rate=16000, batch_size=12, start_frame_idx=30
+                    model_id="demo",
+                    raw_audio=pcm.tobytes(),
+                    audio_encoding=pb.AUDIO_PCM_S16LE,
+                    sample_rate=16000,
+                    batch_size=12,
+                    start_frame_idx=30,
                 )
             )
             assert whole.utterance_frames == A.utterance_frames(len(x))
@@ -90,6 +96,7 @@ def test_composite_batches_with_context_equal_one_whole_request(models_dir: Path
                     compositing_pb2.CompositeBatchRequest(
                         model_id="demo",
                         raw_audio=pcm[lo:hi].tobytes(),
+                        audio_encoding=pb.AUDIO_PCM_S16LE,
                         sample_rate=16000,
                         audio_offset_samples=lo,
                         utterance_samples=len(x),

@@ -22,6 +22,9 @@ SPEECH = Path(__file__).resolve().parents[1] / "data" / "speech_16k.wav"
 OPTIONS = [("grpc.max_receive_message_length", 1 << 28)]
 
 
+S16 = inference_pb2.AUDIO_PCM_S16LE  # what speech_pcm() samples are; an unset encoding means float32
+
+
 def speech_pcm() -> np.ndarray:
     with wave.open(str(SPEECH)) as w:
         return np.frombuffer(w.readframes(w.getnframes()), "<i2")
@@ -51,7 +54,7 @@ def stub(compositing):
 
 
 def test_session_frames_equal_the_batch_api_and_timestamps_follow_the_audio(stub) -> None:
-    pcm = speech_pcm()
+    pcm = speech_pcm().astype(np.float32) / 32768  # float32 with the encoding left unset, as old clients send
     responses = list(stub.StreamSession(session_requests(pb.SessionConfig(model_id="demo", start_frame_idx=7), pcm)))
     assert responses[0].WhichOneof("message") == "started"
     assert responses[0].started.frame_width == 1280 and responses[0].started.fps == 25
@@ -97,7 +100,7 @@ def test_idle_frames_between_utterances_and_interrupt(stub) -> None:
             yield item
 
     call = stub.StreamSession(requests())
-    outgoing.put(pb.SessionRequest(config=pb.SessionConfig(model_id="demo", idle_frames=True)))
+    outgoing.put(pb.SessionRequest(config=pb.SessionConfig(model_id="demo", idle_frames=True, audio_encoding=S16)))
     received = []
     started = time.monotonic()
     reader = threading.Thread(target=lambda: received.extend(call), daemon=True)
@@ -130,14 +133,16 @@ def test_idle_frames_between_utterances_and_interrupt(stub) -> None:
 
 def test_slow_reader_gets_resource_exhausted_unless_it_drops_late_frames(stub) -> None:
     pcm = speech_pcm()
-    call = stub.StreamSession(session_requests(pb.SessionConfig(model_id="demo"), pcm))
+    call = stub.StreamSession(session_requests(pb.SessionConfig(model_id="demo", audio_encoding=S16), pcm))
     time.sleep(4)  # read nothing while the session renders 209 frames into a 12-frame buffer
     with pytest.raises(grpc.RpcError) as err:
         list(call)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "drop_late_frames" in err.value.details()
 
-    call = stub.StreamSession(session_requests(pb.SessionConfig(model_id="demo", drop_late_frames=True), pcm))
+    call = stub.StreamSession(
+        session_requests(pb.SessionConfig(model_id="demo", drop_late_frames=True, audio_encoding=S16), pcm)
+    )
     time.sleep(4)
     responses = list(call)
     ended = responses[-1].ended
@@ -179,11 +184,15 @@ def test_bad_session_requests(stub) -> None:
 
 def test_cancel_frees_the_session_and_others_keep_going(stub) -> None:
     pcm = speech_pcm()
-    stalled = stub.StreamSession(session_requests(pb.SessionConfig(model_id="demo"), np.tile(pcm, 3), end=False))
+    stalled = stub.StreamSession(
+        session_requests(pb.SessionConfig(model_id="demo", audio_encoding=S16), np.tile(pcm, 3), end=False)
+    )
     time.sleep(0.5)
     assert stub.Health(pb.HealthRequest()).active_sessions == 1
     started = time.monotonic()
-    others = list(stub.StreamSession(session_requests(pb.SessionConfig(model_id="demo"), pcm[:32000])))
+    others = list(
+        stub.StreamSession(session_requests(pb.SessionConfig(model_id="demo", audio_encoding=S16), pcm[:32000]))
+    )
     assert others[-1].ended.frames == frames_to_cover(32000, 25) and time.monotonic() - started < 20
     stalled.cancel()
     deadline = time.monotonic() + 5
@@ -212,9 +221,7 @@ def test_ten_minutes_of_audio_end_within_one_frame(models_dir: Path, inference_s
     try:
         with grpc.insecure_channel(server.address, options=OPTIONS) as channel:
             stub = compositing_pb2_grpc.CompositingServiceStub(channel)
-            config = pb.SessionConfig(
-                model_id="small", jpeg_quality=40, max_batch_frames=64, audio_encoding=inference_pb2.AUDIO_PCM_S16LE
-            )
+            config = pb.SessionConfig(model_id="small", jpeg_quality=40, max_batch_frames=64, audio_encoding=S16)
             last = None
             count = 0
             for response in stub.StreamSession(session_requests(config, pcm, chunk=16000)):
