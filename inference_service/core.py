@@ -48,6 +48,7 @@ class DeviceStatus:
     used_memory_bytes: int
     active_runs: int
     queued_runs: int
+    frames_in_flight: int
 
 
 class InferenceCore:
@@ -65,6 +66,12 @@ class InferenceCore:
 
     async def start(self) -> None:
         """Preload configured models off the event loop."""
+        if self.config.audio_encoder_path is not None:
+            log.info(
+                "audio encoder for models that name none: %s (%s)",
+                self.config.audio_encoder_path,
+                self.config.audio_encoder_origin,
+            )
         await asyncio.to_thread(self.registry.preload)
 
     def close(self) -> None:
@@ -111,6 +118,7 @@ class InferenceCore:
         if not use_features and raw_audio is None:
             raise InvalidArgument("audio_features: required (float32 [32,16,16] or [B,32,16,16]), or raw_audio")
         entry, load = await self._checkout(model_id)
+        counted = 0  # frames this request has added to its device's count (least-loaded placement reads it)
         try:
             model = entry.model
             frames_in = batch_of(visual.reshape(-1), model.visual_shape, batch_size, "visual_frames")
@@ -127,11 +135,13 @@ class InferenceCore:
             else:
                 if model.encoder is None:
                     raise FailedPrecondition(
-                        f"raw_audio: model {model_id!r} has no audio encoder (models.{model_id}.audio_encoder_path); "
-                        "send audio_features"
+                        f"raw_audio: model {model_id!r} has no audio encoder (set models.{model_id}.audio_encoder_path "
+                        "or the top-level audio_encoder_path); send audio_features"
                     )
                 raw_audio.check(frames)
                 audio = raw_audio
+            self.registry.begin_frames(entry, frames)
+            counted = frames
             if entry.spec.batching.enabled:
                 shared = await self._batcher(model, entry.spec.batching).submit(
                     frames_in, audio, np.dtype(output_dtype), client, deadline
@@ -170,6 +180,8 @@ class InferenceCore:
         except BaseException:
             self.registry.release(entry)
             raise
+        finally:
+            self.registry.end_frames(entry, counted)
         self.registry.release(entry, frames, result.inference_ms)
         return result
 
@@ -196,5 +208,6 @@ class InferenceCore:
             mine = [e for e in entries if e.model.device.label == device.label]
             pool = self.workers[device.label]
             used = self.registry.device_bytes(device)
-            out.append(DeviceStatus(device, len(mine), used, pool.active, pool.queued))
+            frames = self.registry.frames_in_flight(device)
+            out.append(DeviceStatus(device, len(mine), used, pool.active, pool.queued, frames))
         return out

@@ -18,12 +18,13 @@ import itertools
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from service_common.config_source import valid_model_id
-from service_common.errors import InvalidArgument, NotFound, ResourceExhausted
+from service_common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from service_common.metrics import NullEvents
 from service_common.usage import Usage, UsageClock, lfu_order
 
@@ -88,6 +89,8 @@ class ModelRegistry:
         self._load_lock = threading.Lock()
         self._round_robin = itertools.count()
         self._usage = UsageClock(self._lock)
+        self._frames: Counter[str] = Counter()  # device label -> frames of requests run or queued there
+        self._dedicated = self._dedicated_gpus()
         self.evictions = 0
         self.events = NullEvents()  # the server sets its metrics here
 
@@ -134,7 +137,8 @@ class ModelRegistry:
             if configured and configured.model_path != path:
                 raise InvalidArgument(f"model_path: model_id {model_id!r} is configured with another path")
             encoder = path.parent / ENCODER_FILE
-            return ModelConfig(model_id, path, encoder if encoder.is_file() and encoder != path else None)
+            own = encoder if encoder.is_file() and encoder != path else None
+            return ModelConfig(model_id, path, own or self.config.audio_encoder_path)
         if model_id in self.config.models:
             return self.config.models[model_id]
         if model_id in self._dynamic:
@@ -143,7 +147,8 @@ class ModelRegistry:
         folder = self.inside_root(model_id, "model_id")
         if (folder / MODEL_FILE).is_file():
             encoder = folder / ENCODER_FILE
-            return ModelConfig(model_id, folder / MODEL_FILE, encoder if encoder.is_file() else None)
+            own = encoder if encoder.is_file() else None
+            return ModelConfig(model_id, folder / MODEL_FILE, own or self.config.audio_encoder_path)
         raise NotFound(f"model_id: unknown model {model_id!r} (not configured, no {model_id}/{MODEL_FILE})")
 
     def known_ids(self) -> list[str]:
@@ -158,17 +163,50 @@ class ModelRegistry:
             mine = [e for e in self._entries.values() if e.model.device.label == device.label]
         return sum(e.memory_bytes + getattr(e.model, "device_buffer_bytes", 0) for e in mine)
 
+    def _dedicated_gpus(self) -> set[int]:
+        """GPUs that configured models name as their own: with ``dedicated``, nothing else goes there."""
+        if self.config.assignment_strategy != "dedicated":
+            return set()
+        if not any(d.kind == "cuda" for d in self.devices):
+            log.warning("gpus.assignment_strategy: dedicated, but there is no GPU: every model shares the CPU")
+        present = {d.gpu_id for d in self.devices}
+        return {s.preferred_gpu for s in self.config.models.values() if s.preferred_gpu in present}
+
     def _place(self, spec: ModelConfig) -> Device:
-        """``preferred_gpu`` if set; else round-robin, passing over a GPU the model would not fit in."""
+        """``preferred_gpu`` if present; else the strategy's order over the devices nobody has dedicated."""
         if spec.preferred_gpu is not None:
             for device in self.devices:
                 if device.gpu_id == spec.preferred_gpu:
                     return device
             log.warning(
-                "model %s: preferred_gpu %d not available, placing round-robin", spec.model_id, spec.preferred_gpu
+                "model %s: preferred_gpu %d not available, placing it as if it named none",
+                spec.model_id,
+                spec.preferred_gpu,
             )
+        shared = [d for d in self.devices if d.gpu_id not in self._dedicated]
+        if not shared:
+            raise FailedPrecondition(
+                f"model {spec.model_id!r}: every device is dedicated to a configured model "
+                "(gpus.assignment_strategy: dedicated); give it a preferred_gpu of its own, add a GPU, "
+                "or use gpus.assignment_strategy: round-robin"
+            )
+        if self.config.assignment_strategy == "least-loaded":
+            return self._first_fitting(self._by_load(shared), spec)
+        return self._first_fitting(self._rotation(shared), spec)
+
+    def _rotation(self, devices: list[Device]) -> list[Device]:
         start = next(self._round_robin)
-        order = [self.devices[(start + k) % len(self.devices)] for k in range(len(self.devices))]
+        return [devices[(start + k) % len(devices)] for k in range(len(devices))]
+
+    def _by_load(self, devices: list[Device]) -> list[Device]:
+        """Fewest frames in flight first: they measure the work a device has now, which models loaded do not."""
+        with self._lock:
+            frames = dict(self._frames)
+            models = Counter(e.model.device.label for e in self._entries.values())
+        return sorted(devices, key=lambda d: (frames.get(d.label, 0), models[d.label]))  # stable: device order
+
+    def _first_fitting(self, order: list[Device], spec: ModelConfig) -> Device:
+        """The first device the model fits in; if none, the first (the load itself then says why)."""
         estimate = spec.model_path.stat().st_size if spec.model_path.is_file() else 0
         for device in order:
             if device.kind != "cuda" or not device.total_memory_bytes:
@@ -177,6 +215,19 @@ class ModelRegistry:
             if self.device_bytes(device) + estimate * copies <= device.total_memory_bytes * GPU_MEMORY_FRACTION:
                 return device
         return order[0]
+
+    def begin_frames(self, entry: ModelEntry, frames: int) -> None:
+        """Count a request's frames against its device until ``end_frames``; ``least-loaded`` reads this."""
+        with self._lock:
+            self._frames[entry.model.device.label] += frames
+
+    def end_frames(self, entry: ModelEntry, frames: int) -> None:
+        with self._lock:
+            self._frames[entry.model.device.label] -= frames
+
+    def frames_in_flight(self, device: Device) -> int:
+        with self._lock:
+            return self._frames[device.label]
 
     def _victims(self, new_bytes: int, replacing: str | None) -> list[ModelEntry]:
         """LFU-ordered idle models to evict so that one more of ``new_bytes`` fits (lock held)."""

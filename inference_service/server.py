@@ -31,6 +31,9 @@ def core_metrics(core: InferenceCore) -> Iterable[Metric]:
     queued = GaugeMetricFamily("lipsync_device_queued_runs", "Runs waiting for a device's worker.", labels=labels)
     models = GaugeMetricFamily("lipsync_device_loaded_models", "Models loaded on a device.", labels=labels)
     memory = GaugeMetricFamily("lipsync_device_model_bytes", "Bytes of the models loaded on a device.", labels=labels)
+    frames = GaugeMetricFamily(
+        "lipsync_device_frames_in_flight", "Frames of requests run or queued on a device.", labels=labels
+    )
     for status in core.device_status():
         label = [status.device.label]
         workers.add_metric(label, status.device.workers)
@@ -38,6 +41,7 @@ def core_metrics(core: InferenceCore) -> Iterable[Metric]:
         queued.add_metric(label, status.queued_runs)
         models.add_metric(label, status.loaded_models)
         memory.add_metric(label, status.used_memory_bytes)
+        frames.add_metric(label, status.frames_in_flight)
     loaded = GaugeMetricFamily("lipsync_loaded_models", "Models loaded in all.")
     loaded.add_metric([], len(core.registry.entries()))
     batch_labels = ["model", "device"]
@@ -50,7 +54,7 @@ def core_metrics(core: InferenceCore) -> Iterable[Metric]:
         passes.add_metric([model_id, device], batcher.batches)
         batched.add_metric([model_id, device], batcher.batched_frames)
         waiting.add_metric([model_id, device], batcher.queued_frames)
-    return [workers, active, queued, models, memory, loaded, passes, batched, waiting]
+    return [workers, active, queued, models, memory, frames, loaded, passes, batched, waiting]
 
 
 async def start_server(config: InferenceConfig, core: InferenceCore | None = None) -> RunningServer:

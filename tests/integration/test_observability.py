@@ -113,6 +113,7 @@ def test_metrics_count_requests_stages_cache_and_devices(pair) -> None:
         assert matching(inf, rf'lipsync_stage_duration_seconds_count\{{stage="{stage}"\}}') >= 3, stage
     assert matching(inf, r'lipsync_device_workers\{device="cpu"\}') >= 1
     assert matching(inf, r'lipsync_device_(active|queued)_runs\{device="cpu"\}') == 0
+    assert inf['lipsync_device_frames_in_flight{device="cpu"}'] == 0  # present, and back to 0
     assert matching(inf, r'lipsync_device_loaded_models\{device="cpu"\}') >= 1
     assert matching(inf, r'lipsync_model_loads_total\{model="demo",outcome="ok"\}') >= 1
     assert matching(inf, r'lipsync_build_info\{service="inference",version=".+"\}') == 1
