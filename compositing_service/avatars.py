@@ -33,12 +33,18 @@ class Avatar:
         self.source = source
         available = min(source.count, len(rects))
         if spec.num_frames:
+            self.num_frames = min(spec.num_frames, available)
             if spec.num_frames > available:
-                raise AvatarError(
-                    f"num_frames: {spec.num_frames} configured but the avatar has {source.count} frames and "
-                    f"{len(rects)} rects"
+                # The Go server read frames lazily and never checked; its own configs overstate the count.
+                log.warning(
+                    "avatar %s: models.%s.num_frames is %d but it has %d background frames and %d rects; serving %d",
+                    spec.model_id,
+                    spec.model_id,
+                    spec.num_frames,
+                    source.count,
+                    len(rects),
+                    self.num_frames,
                 )
-            self.num_frames = spec.num_frames
         else:
             if source.count != len(rects):
                 raise AvatarError(

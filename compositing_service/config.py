@@ -17,11 +17,19 @@ from service_common.config_source import (
     ConfigError,
     Section,
     parse_listen_address,
+    parse_log_level,
     read_config,
     resolve_under,
     valid_model_id,
 )
-from service_common.serving_config import ServingConfig, parse_client_tls, parse_serving
+from service_common.serving_config import (
+    ServingConfig,
+    needs_plaintext,
+    parse_client_tls,
+    parse_serving,
+    plaintext_default,
+    plaintext_error,
+)
 from service_common.tls import ClientTls
 
 log = logging.getLogger(__name__)
@@ -122,15 +130,12 @@ def parse_targets(value: Any, key: str) -> tuple[str, ...]:
     return targets
 
 
-def inference_hop_tls(remote: Section, base: Path, mode: str) -> ClientTls | None:
+def inference_hop_tls(remote: Section, base: Path, mode: str, default_plaintext: bool = False) -> ClientTls | None:
     """TLS towards inference, or None for plain text, which must be asked for (remote mode only)."""
     tls = parse_client_tls(remote, base)
-    plaintext = remote.bool("plaintext", False)
+    plaintext = remote.bool("plaintext", default_plaintext and tls is None)
     if mode == "remote" and tls is None and not plaintext:
-        raise ConfigError(
-            "inference_server.tls: no TLS configured for the hop to inference; set inference_server.tls.ca_file "
-            "(and cert_file/key_file for mutual TLS), or inference_server.plaintext: true (see docs/operations.md)"
-        )
+        raise plaintext_error(("inference_server",))
     if tls is not None and plaintext:
         raise ConfigError("inference_server.plaintext: true conflicts with inference_server.tls; choose one")
     return tls
@@ -159,6 +164,19 @@ def inference_token(remote: Section, base: Path) -> str:
     return ""
 
 
+def output_format(output: Section) -> str:
+    value = (output.str("format", "jpeg") or "jpeg").strip().lower()
+    if value == "raw":
+        # The Go server listed it but encoded JPEG regardless; a 24-frame batch of raw 720p BGR is 66 MB.
+        raise ConfigError(
+            "output.format: raw is not served (the Go system listed it but always sent JPEG); "
+            'use "jpeg" (the default, what old clients decode) or "png" (lossless)'
+        )
+    if value not in ("jpeg", "png"):
+        raise ConfigError(f"{output.key('format')}: expected jpeg or png, got {value!r}")
+    return value
+
+
 def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> CompositingConfig:
     root = Section(raw)
     for key in root.unknown_keys(
@@ -176,6 +194,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Compositi
             "frames_cache_dir",
             "auth",
             "metrics",
+            "plaintext",
         ]
     ):
         log.warning("config: unknown key %s ignored", key)
@@ -271,7 +290,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Compositi
         background_cache_frames=capacity.int("background_cache_frames", 600, minimum=1),
         background_cache_bytes=int(capacity.float("background_cache_mb", 2048, minimum=1) * MIB),
         frames_cache_dir=Path(cache_dir).expanduser() if cache_dir else Path(tempfile.gettempdir()) / "lipsync-frames",
-        output_format=output.str("format", "jpeg", choices=["jpeg", "png"]) or "jpeg",
+        output_format=output_format(output),
         jpeg_quality=output.int("jpeg_quality", 75, minimum=1, maximum=100),
         jpeg_splicing=output.bool("jpeg_splicing", True),
         jpeg_subsampling=output.str("jpeg_subsampling", "420", choices=["420", "422", "444"]) or "420",
@@ -280,9 +299,15 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Compositi
         models=models,
         log_inference_times=logging_section.bool("log_inference_times", False),
         log_compositing_times=logging_section.bool("log_compositing_times", False),
-        log_level=logging_section.str("level", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]) or "INFO",
+        log_level=parse_log_level(logging_section),
         # How to serve and how to reach inference last, so a config's other mistakes are named first.
-        serving=parse_serving(root, base, host, default_metrics_port=9092),
-        inference_tls=inference_hop_tls(remote, base, mode),
+        serving=parse_serving(
+            root,
+            base,
+            host,
+            default_metrics_port=9092,
+            plaintext_also=("inference_server",) if mode == "remote" and needs_plaintext(remote, root) else (),
+        ),
+        inference_tls=inference_hop_tls(remote, base, mode, plaintext_default(root)),
         inference_token=inference_token(remote, base),
     )

@@ -16,6 +16,7 @@ from service_common.config_source import (
     ConfigError,
     Section,
     parse_listen_address,
+    parse_log_level,
     read_config,
     resolve_under,
     valid_model_id,
@@ -95,6 +96,10 @@ class InferenceConfig:
     eviction_policy: str = "lfu"
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    # The audio encoder of every model that names none (top-level audio_encoder_path, or found where the Go
+    # system looked), and how it was found, for the start-up log.
+    audio_encoder_path: Path | None = None
+    audio_encoder_origin: str = ""
     warmup: bool = True
     log_level: str = "INFO"
     grace_seconds: float = 10.0
@@ -142,6 +147,30 @@ def parse_batching(section: Section, defaults: BatchingConfig) -> BatchingConfig
     )
 
 
+# Where the Go inference server looked for its one audio_encoder.onnx, here taken relative to models_root.
+GO_ENCODER_PLACES = (
+    "../audio_encoder.onnx",
+    "../../audio_encoder.onnx",
+    "audio_encoder.onnx",
+    "model/audio_encoder.onnx",
+)
+
+
+def shared_encoder(root: Section, models_root: Path) -> tuple[Path | None, str]:
+    """The audio encoder for models that name none: ``audio_encoder_path``, else the first of the Go places."""
+    value = root.str("audio_encoder_path", None)
+    if value:
+        path = resolve_under(models_root, value, "audio_encoder_path")
+        if not path.is_file():
+            raise ConfigError(f"audio_encoder_path: {path} is not a file (expected the audio encoder's .onnx)")
+        return path, "audio_encoder_path"
+    for place in GO_ENCODER_PLACES:
+        path = (models_root / place).resolve()
+        if path.is_file():
+            return path, f"found at models_root/{place}, where the Go system looked"
+    return None, ""
+
+
 def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: bool = True) -> InferenceConfig:
     root = Section(raw)
     known = [
@@ -156,6 +185,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: 
         "auth",
         "metrics",
         "batching",
+        "plaintext",
+        "audio_encoder_path",
     ]
     for key in root.unknown_keys(known):
         log.warning("config: unknown key %s ignored", key)
@@ -182,7 +213,10 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: 
         log.warning("config: onnx.library_path is ignored (the onnxruntime Python package brings its own)")
 
     eviction = capacity.str("eviction_policy", "lfu", choices=["lfu"]) or "lfu"
-    strategy = gpus.str("assignment_strategy", "round-robin", choices=["round-robin"]) or "round-robin"
+    strategy = (
+        gpus.str("assignment_strategy", "round-robin", choices=["round-robin", "least-loaded", "dedicated"])
+        or "round-robin"
+    )
 
     onnx_cfg = OnnxConfig(
         intra_op_threads=onnx.int("intra_op_threads", 0, minimum=0),
@@ -212,6 +246,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: 
     )
     batching_defaults = parse_batching(root.section("batching"), BatchingConfig())
 
+    encoder_default, encoder_origin = shared_encoder(root, models_root)
     gpu_count = gpus.int("count", 0, minimum=0)
     models: dict[str, ModelConfig] = {}
     models_section = root.section("models")
@@ -233,7 +268,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: 
         models[model_id] = ModelConfig(
             model_id=model_id,
             model_path=model_path,
-            audio_encoder_path=encoder_path,
+            audio_encoder_path=encoder_path or encoder_default,
             preload=section.bool("preload", False),
             preferred_gpu=None if preferred < 0 else preferred,
             batching=parse_batching(section.section("batching"), batching_defaults),
@@ -262,8 +297,10 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: 
         eviction_policy=eviction,
         onnx=onnx_cfg,
         models=models,
+        audio_encoder_path=encoder_default,
+        audio_encoder_origin=encoder_origin,
         warmup=root.bool("warmup", True),
-        log_level=(logging_section.str("level", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]) or "INFO"),
+        log_level=parse_log_level(logging_section),
         serving=parse_serving(
             root,
             base_dir or Path.cwd(),
@@ -277,4 +314,17 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: 
     )
     if onnx_cfg.cuda_graph and onnx_cfg.io_binding == "off":
         raise ConfigError("onnx.cuda_graph: CUDA graphs need bound buffers; onnx.io_binding must not be off")
+    if strategy == "dedicated":
+        owners: dict[int, str] = {}
+        for model_id, model in models.items():
+            gpu = model.preferred_gpu
+            if gpu is None:
+                continue
+            if gpu in owners:
+                first, second = models_section.key(owners[gpu]), models_section.key(model_id)
+                raise ConfigError(
+                    f"{first}.preferred_gpu and {second}.preferred_gpu: both name GPU {gpu}, "
+                    "but gpus.assignment_strategy: dedicated gives each GPU to one model"
+                )
+            owners[gpu] = model_id
     return config

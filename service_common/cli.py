@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .allocator import tune_malloc
-from .config_source import ConfigError
+from .config_source import LOG_LEVELS, ConfigError
 from .request_log import configure_logging
 
 C = TypeVar("C")
@@ -29,12 +29,24 @@ def parser_for(prog: str, description: str | None) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override any config key, e.g. --set capacity.max_models=2",
     )
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        type=log_level_arg,
+        help="debug, info, warn(ing) or error, any case (default: logging.level)",
+    )
     parser.add_argument("--log-format", choices=["text", "json"], help="overrides logging.format")
     parser.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: a free one); sets metrics.enabled"
     )
     return parser
+
+
+def log_level_arg(text: str) -> str:
+    try:
+        return LOG_LEVELS[text.strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected debug, info, warn(ing) or error, got {text!r}") from None
 
 
 def overrides_from(args: argparse.Namespace) -> list[str]:
@@ -67,7 +79,7 @@ def run_server(
         return 2
     serving = getattr(config, "serving", None)
     configure_logging(
-        (args.log_level or getattr(config, "log_level", "INFO")).upper(),
+        args.log_level or getattr(config, "log_level", "INFO"),
         serving.log_format if serving is not None else "text",
     )
     if getattr(config, "tune_malloc", True):

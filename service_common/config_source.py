@@ -215,6 +215,20 @@ def resolve_under(root: Path, value: str, key: str) -> Path:
     return path.resolve()
 
 
+# logging.level in any case; the Go system's files say "info" and list "warn".
+LOG_LEVELS = {"debug": "DEBUG", "info": "INFO", "warn": "WARNING", "warning": "WARNING", "error": "ERROR"}
+
+
+def parse_log_level(logging_section: Section) -> str:
+    value = logging_section.str("level", "INFO") or "INFO"
+    try:
+        return LOG_LEVELS[value.strip().lower()]
+    except KeyError:
+        raise ConfigError(
+            f"{logging_section.key('level')}: expected debug, info, warn(ing) or error (any case), got {value!r}"
+        ) from None
+
+
 MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 

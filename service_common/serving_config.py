@@ -74,6 +74,34 @@ def parse_client_tls(section: Section, base: Path) -> ClientTls | None:
     return ClientTls(file_under(base, tls, "ca_file"), cert, key, tls.str("server_name", "") or "")
 
 
+TLS_KEYS = {
+    "server": "server.tls.cert_file and server.tls.key_file",
+    "inference_server": "inference_server.tls.ca_file (with cert_file and key_file for mutual TLS)",
+}
+
+
+def plaintext_default(root: Section) -> bool:
+    """Top-level ``plaintext: true``: every hop of this service without TLS configured runs plain text."""
+    return root.bool("plaintext", False)
+
+
+def needs_plaintext(section: Section, root: Section) -> bool:
+    """Neither TLS nor plain text chosen for this hop."""
+    return not section.data.get("tls") and not section.bool("plaintext", plaintext_default(root))
+
+
+def plaintext_error(sections: tuple[str, ...]) -> ConfigError:
+    """Plain text must be asked for (a security decision); the error shows the exact line that asks for it."""
+    keys = ", ".join(f"{name}.plaintext: true" for name in sections)
+    tls = " and ".join(TLS_KEYS[name] for name in sections)
+    return ConfigError(
+        f"{sections[0]}.tls: no TLS configured, and plain text must be asked for. To run without TLS as the Go "
+        "system did, add this line at the top level of the config file:\n"
+        "plaintext: true\n"
+        f"(or, hop by hop, {keys}); for TLS, set {tls} (see docs/operations.md)"
+    )
+
+
 def parse_serving(
     root: Section,
     base: Path,
@@ -83,18 +111,17 @@ def parse_serving(
     required: bool = True,
     default_inflight: int = 8,
     default_queued: int = 32,
+    plaintext_also: tuple[str, ...] = (),
 ) -> ServingConfig:
-    """``required=False``: a config read by an engine that listens nowhere (TLS or plain text need not be set)."""
+    """``required=False``: a config read by an engine that listens nowhere (TLS or plain text need not be set).
+    ``plaintext_also``: other sections that lack TLS too, named in the same error so one edit fixes the file."""
     server = root.section("server")
     tls = parse_server_tls(server, base)
-    plaintext = server.bool("plaintext", False)
-    if tls is None and not plaintext and required:
-        raise ConfigError(
-            "server.tls: no certificate configured; set server.tls.cert_file and server.tls.key_file, "
-            "or server.plaintext: true to serve without TLS (see docs/operations.md)"
-        )
-    if tls is not None and plaintext:
+    if tls is not None and server.bool("plaintext", False):
         raise ConfigError("server.plaintext: true conflicts with server.tls; choose one")
+    plaintext = tls is None and server.bool("plaintext", plaintext_default(root))
+    if tls is None and not plaintext and required:
+        raise plaintext_error(("server", *plaintext_also))
 
     auth_section = root.section("auth")
     for key in auth_section.unknown_keys(

@@ -48,7 +48,7 @@ models:
 def test_old_keys_are_read_and_relative_paths_resolve_against_models_root(tmp_path: Path) -> None:
     path = write(tmp_path, OLD_STYLE)
     # The old system served plain text silently; here it must be asked for (or TLS configured).
-    with pytest.raises(ConfigError, match=r"^server\.tls: .*server\.plaintext: true"):
+    with pytest.raises(ConfigError, match=r"^server\.tls: (?s:.*)\nplaintext: true\n.*server\.plaintext: true"):
         load_config(path, environ={})
     config = load_config(path, ["server.plaintext=true"], environ={})
     assert config.serving.plaintext and config.serving.tls is None

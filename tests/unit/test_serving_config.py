@@ -25,12 +25,18 @@ def pems(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 def test_plain_text_must_be_asked_for_and_tls_files_must_exist(tmp_path: Path) -> None:
     root = {"models_root": str(tmp_path)}
-    with pytest.raises(ConfigError, match=r"^server\.tls: no certificate configured"):
+    with pytest.raises(ConfigError, match=r"^server\.tls: no TLS configured(?s:.*)\nplaintext: true\n"):
         parse_inference(dict(root), tmp_path)
+    assert parse_inference({**root, "plaintext": True}, tmp_path).serving.plaintext  # the line the error shows
     cert, key, ca = pems(tmp_path)
     config = parse_inference({**root, "server": {"tls": {"cert_file": "cert.pem", "key_file": "key.pem"}}}, tmp_path)
     assert config.serving.tls is not None and config.serving.tls.cert_file == cert  # relative to the config's folder
     assert config.serving.tls.client_ca_file is None and not config.serving.plaintext
+    # Top-level plain text covers the hops without TLS only: a configured certificate still wins.
+    both = parse_inference(
+        {**root, "plaintext": True, "server": {"tls": {"cert_file": "cert.pem", "key_file": "key.pem"}}}, tmp_path
+    )
+    assert both.serving.tls is not None and not both.serving.plaintext
     mutual = parse_inference(
         {**root, "server": {"tls": {"cert_file": str(cert), "key_file": str(key), "client_ca_file": str(ca)}}}
     )
