@@ -6,7 +6,8 @@ so remote and in-process modes give identical frames.
 
 The remote backend keeps one long-lived channel per target with keepalive,
 puts a deadline on every call (the smaller of ``timeout_seconds`` and what is
-left of the client's own deadline), and retries UNAVAILABLE with exponential
+left of the client's own deadline), and retries UNAVAILABLE (or a CANCELLED from the
+server's side: InferBatch is pure) with exponential
 backoff on the next target, up to ``max_retries``. A single ``dns:///`` target
 balances by itself with the round_robin policy over every address it resolves.
 """
@@ -35,6 +36,10 @@ from .config import CompositingConfig
 log = logging.getLogger(__name__)
 
 MOUTH_SHAPE = (3, 320, 320)
+# InferBatch is pure, so a call is safe to send again: after UNAVAILABLE (refused, unreachable) or a CANCELLED
+# that came from the other side (an inference server that stopped with the call in flight; our own
+# cancellation surfaces as asyncio.CancelledError instead).
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 DOWN_COOLDOWN_S = 1.0  # a target that answered UNAVAILABLE is tried last for this long
 _CODES = {
     cls.code: cls
@@ -68,7 +73,7 @@ class InferenceBackend(Protocol):
     async def infer(
         self, model_id: str, visual: np.ndarray, audio: np.ndarray | RawAudio, deadline: float | None
     ) -> MouthBatch: ...
-    async def healthy(self) -> bool: ...
+    async def reachable(self) -> int: ...
     async def load_model(self, model_id: str, force_reload: bool) -> None: ...
     async def unload_model(self, model_id: str) -> None: ...
     async def close(self) -> None: ...
@@ -150,9 +155,9 @@ class RemoteInference:
         return timeout
 
     async def _call(self, method: str, request: object, deadline: float | None) -> object:
-        """One RPC with per-attempt deadlines and retries of UNAVAILABLE on the next target."""
+        """One RPC with per-attempt deadlines and retries (RETRYABLE) on the next target."""
         attempts = self.config.inference_max_retries + 1
-        last: grpc.aio.AioRpcError | None = None  # the last UNAVAILABLE
+        last: grpc.aio.AioRpcError | None = None  # the last retryable failure
         attempt = 0
         tried: set[int] = set()
         for attempt in range(attempts):
@@ -174,7 +179,7 @@ class RemoteInference:
                     raise errors.DeadlineExceeded(
                         f"inference service ({target}): no answer within the deadline"
                     ) from None
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                if exc.code() not in RETRYABLE:
                     raise to_service_error(exc, target) from None
                 last = exc
                 self._down_until[index] = time.monotonic() + DOWN_COOLDOWN_S
@@ -240,15 +245,16 @@ class RemoteInference:
             response.utterance_frames,
         )
 
-    async def healthy(self) -> bool:
-        """True when any target answers Health within a second."""
-        for stub in self._stubs:
+    async def reachable(self) -> int:
+        """How many targets answer Health (healthy) within a second, asked at once over their own channels."""
+
+        async def answers(stub: pb_grpc.InferenceServiceStub) -> bool:
             try:
-                if (await stub.Health(pb.HealthRequest(), timeout=1.0, metadata=self._metadata())).healthy:
-                    return True
+                return (await stub.Health(pb.HealthRequest(), timeout=1.0, metadata=self._metadata())).healthy
             except grpc.aio.AioRpcError:
-                continue
-        return False
+                return False
+
+        return sum(await asyncio.gather(*(answers(stub) for stub in self._stubs)))
 
     async def load_model(self, model_id: str, force_reload: bool) -> None:
         for index, stub in enumerate(self._stubs):
@@ -340,8 +346,8 @@ class InProcessInference:
             result.utterance_frames,
         )
 
-    async def healthy(self) -> bool:
-        return True
+    async def reachable(self) -> int:
+        return 1  # the engine in this process
 
     async def load_model(self, model_id: str, force_reload: bool) -> None:
         await self.core.load(model_id, force_reload)

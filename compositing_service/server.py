@@ -87,7 +87,7 @@ async def watch_inference(core: CompositingCore, running: RunningServer, state: 
     serving = True
     state = {} if state is None else state
     while True:
-        healthy = await core.backend.healthy()
+        healthy = await core.backend.reachable() > 0
         state["inference_ok"] = healthy
         if healthy != serving:
             log.warning("inference service %s: %s", core.backend.description, "reachable" if healthy else "unreachable")
@@ -125,6 +125,7 @@ async def start_server(config: CompositingConfig, core: CompositingCore | None =
         serving=config.serving,
         policy=policy,
     )
+    running.on_drain = servicer.end_sessions
     watcher = asyncio.create_task(watch_inference(core, running, state))
     log.info(
         "compositing service listening on %s:%d (%s; inference: %s)",

@@ -11,7 +11,7 @@ import numpy as np
 from inference_service.servicer import audio_encoding_name, np_dtype, raw_audio_of
 from inference_service.tensors import frombuffer
 from service_common import request_log
-from service_common.errors import InvalidArgument, ResourceExhausted
+from service_common.errors import InvalidArgument, ResourceExhausted, Unavailable
 from service_common.grpc_glue import abort_with, deadline_of, translate_errors
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc as pb_grpc
@@ -48,6 +48,19 @@ class SessionServicerMixin:
 
     core: CompositingCore
     active_sessions: int = 0
+    open_sessions: set[StreamSession]
+
+    async def end_sessions(self) -> None:
+        """The replica is stopping: every open session sends the frames it has made, then ends with UNAVAILABLE.
+        The client opens a new session (the load balancer picks another replica) and goes on from there."""
+        for session in list(self.open_sessions):
+            session.fail(
+                Unavailable(
+                    f"session {session.session_id}: this replica is shutting down; the frames made so far were sent. "
+                    "Open a new session to continue (another replica takes it)",
+                    retry_after_ms=0,
+                )
+            )
 
     async def StreamSession(self, request_iterator, context: grpc.aio.ServicerContext):
         session = None
@@ -71,6 +84,7 @@ class SessionServicerMixin:
                 max_audio_ahead_s=self.core.config.session_max_audio_ahead_s,
             )
             await session.start()
+            self.open_sessions.add(session)
             height, width = session.avatar.frame_shape
             yield pb.SessionResponse(
                 started=pb.SessionStarted(
@@ -133,6 +147,7 @@ class SessionServicerMixin:
             if reader is not None:
                 reader.cancel()
             if session is not None:
+                self.open_sessions.discard(session)
                 await session.close()
             if counted:
                 self.active_sessions -= 1
@@ -141,6 +156,7 @@ class SessionServicerMixin:
 class CompositingServicer(SessionServicerMixin, pb_grpc.CompositingServiceServicer):
     def __init__(self, core: CompositingCore) -> None:
         self.core = core
+        self.open_sessions: set[StreamSession] = set()
 
     @translate_errors
     async def InferBatchComposite(
@@ -276,7 +292,8 @@ class CompositingServicer(SessionServicerMixin, pb_grpc.CompositingServiceServic
 
     @translate_errors
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
-        inference_ok = await self.core.backend.healthy()
+        reachable = await self.core.backend.reachable()
+        inference_ok = reachable > 0
         return pb.HealthResponse(
             healthy=inference_ok,
             inference_server_healthy=inference_ok,
@@ -290,4 +307,5 @@ class CompositingServicer(SessionServicerMixin, pb_grpc.CompositingServiceServic
             active_sessions=self.active_sessions,
             jpeg_spliced_frames=self.core.compositor.counts.spliced,
             jpeg_full_frames=self.core.compositor.counts.full,
+            inference_servers_reachable=reachable,
         )

@@ -19,6 +19,7 @@ from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc, inference_pb2
 
 from .media import MediaError, Mp4Writer, read_speech
+from .retry import retrying
 
 if TYPE_CHECKING:
     from .session import LipsyncSession, StreamResult
@@ -146,7 +147,9 @@ class LipsyncClient:
     ) -> None:
         self.server = server
         self.timeout = timeout
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+        options = retrying(
+            [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+        )
         self._raw_channel, self.channel = open_channel(server, options, token=token, tls=tls)
         self.stub = compositing_pb2_grpc.CompositingServiceStub(self.channel)
 

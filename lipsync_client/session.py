@@ -195,6 +195,8 @@ class LipsyncSession:
         if max_batch_frames < 0:
             raise LipsyncError(f"max_batch_frames: expected >= 0, got {max_batch_frames}")
         self.model = model
+        self.start_frame = start_frame
+        self.last_frame: StreamFrame | None = None
         # Bounded, so send_audio waits while gRPC flow control holds the chunks before it.
         self._requests: queue.Queue = queue.Queue(maxsize=max(1, send_queue))
         self._lock = threading.Lock()
@@ -331,6 +333,7 @@ class LipsyncSession:
                 )
                 if self.first_frame_s is None:
                     self.first_frame_s = frame.received_s
+                self.last_frame = frame
                 yield frame
             elif kind == "ended":
                 e = response.ended
@@ -338,6 +341,28 @@ class LipsyncSession:
                 self.ended_s = self._received_s
                 self._finished = True
                 return
+
+    def resume_point(self) -> tuple[int, int]:
+        """Where a new session takes over from this one: ``(start_frame, frames_to_skip)``.
+
+        A replica that stops ends its sessions with UNAVAILABLE ("shutting down") once it has sent the frames it
+        had made. To go on, open a new session with this ``start_frame`` (the load balancer picks another
+        replica). When ``frames_to_skip`` is not 0 the last frame belonged to an unfinished utterance: send that
+        utterance's audio again from its start and drop the first ``frames_to_skip`` frames (shown already; the
+        others are the frames this session would have made). This library does not do it by itself: it does not
+        keep an utterance's audio once sent, and the application usually has it (its TTS output) or drops it."""
+        last = self.last_frame
+        if last is None:
+            return self.start_frame, 0
+        if last.speech and not self._utterance_complete(last.utterance, last.utterance_frame):
+            return self.start_frame + last.frame_index - last.utterance_frame, last.utterance_frame + 1
+        return self.start_frame + last.frame_index + 1, 0
+
+    def _utterance_complete(self, utterance: int, utterance_frame: int) -> bool:
+        """Whether frame ``utterance_frame`` was its utterance's last (the utterance closed, its tail received)."""
+        closed = any(c.utterance == utterance for c in self.controls)
+        ends = self._chunks.get(utterance, ([0], []))[0]
+        return closed and utterance_frame + 1 >= frames_to_cover(ends[-1])
 
     def audio_ready_s(self, utterance: int, utterance_frame: int) -> float | None:
         """When the input that let the server make a speech frame was sent: the chunk completing the samples the

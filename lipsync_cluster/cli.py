@@ -39,7 +39,27 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--state", type=Path, help=argparse.SUPPRESS)  # written by the detached supervisor when ready
     down = sub.add_parser("down", help="stop a cluster started with --detach")
     down.add_argument("--port", type=int, default=8080)
+    restart = sub.add_parser("restart", help="restart a running cluster's processes without losing a call")
+    restart.add_argument("--port", type=int, default=8080, help="the cluster's public port")
+    restart.add_argument(
+        "--rolling",
+        action="store_true",
+        required=True,
+        help="one by one: each compositing replica replaced (the new one joins nginx before the old one leaves "
+        "and drains), then each inference server restarted (with two or more)",
+    )
+    restart.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for it to finish")
     return parser
+
+
+def recorded_pid(state: Path) -> int | None:
+    """The supervisor recorded in ``state`` if it still runs (a file left by a killed one does not count)."""
+    try:
+        pid = int(json.loads(state.read_text())["supervisor_pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid
 
 
 def run_foreground(args: argparse.Namespace, ready: Path | None = None) -> int:
@@ -58,9 +78,14 @@ def run_foreground(args: argparse.Namespace, ready: Path | None = None) -> int:
     if spec.gateway_port is not None and not 0 < spec.gateway_port < 65536:
         print("lipsync-cluster: --gateway-port must be a port number (1-65535)", file=sys.stderr)
         return 2
-    stop = threading.Event()
+    ready = ready or state_file(spec.port)
+    if recorded_pid(ready) not in (None, os.getpid()):
+        print(f"lipsync-cluster: a cluster already runs on port {spec.port} ({ready})", file=sys.stderr)
+        return 1
+    stop, restart = threading.Event(), threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, lambda *_: restart.set())  # from `lipsync-cluster restart --rolling`
     cluster = Cluster(spec)
     try:
         cluster.start()
@@ -68,10 +93,9 @@ def run_foreground(args: argparse.Namespace, ready: Path | None = None) -> int:
         print(f"lipsync-cluster: {exc}", file=sys.stderr)
         return 1
     try:
-        if ready is not None:
-            ready.write_text(
-                json.dumps({"supervisor_pid": os.getpid(), "address": cluster.address, "gateway": cluster.gateway_url})
-            )
+        ready.write_text(
+            json.dumps({"supervisor_pid": os.getpid(), "address": cluster.address, "gateway": cluster.gateway_url})
+        )
         viewer = f"; browser viewer on {cluster.gateway_url}" if cluster.gateway_url else ""
         print(
             f"lipsync cluster serving on {cluster.address}: {len(cluster.inference)} inference, "
@@ -79,21 +103,68 @@ def run_foreground(args: argparse.Namespace, ready: Path | None = None) -> int:
             flush=True,
         )
         reported: set[str] = set()
-        while not stop.wait(1.0):
+        while not stop.wait(0.2):
+            if restart.is_set():
+                restart.clear()
+                rolling_restart(cluster, restart_result(ready))
             for name in set(cluster.dead_parts()) - reported:
                 print(f"lipsync-cluster: {name} exited", file=sys.stderr, flush=True)
                 reported.add(name)
     finally:
         cluster.stop()
-        if ready is not None:
-            ready.unlink(missing_ok=True)
+        ready.unlink(missing_ok=True)
         print("lipsync cluster stopped", flush=True)
+    return 0
+
+
+def restart_result(state: Path) -> Path:
+    return state.with_suffix(".restart.json")
+
+
+def rolling_restart(cluster: Cluster, result: Path) -> None:
+    """Done by the supervisor on SIGUSR1; what happened goes to ``result`` for the `restart` command."""
+    started = time.monotonic()
+    try:
+        done = cluster.rolling_restart()
+        outcome = {"ok": True, "done": done}
+    except (ClusterError, OSError) as exc:
+        outcome = {"ok": False, "error": str(exc)}
+    outcome["seconds"] = round(time.monotonic() - started, 2)
+    print(f"lipsync-cluster: rolling restart: {json.dumps(outcome)}", flush=True)
+    tmp = result.with_suffix(".tmp")
+    tmp.write_text(json.dumps(outcome))
+    tmp.replace(result)
+
+
+def restart(args: argparse.Namespace) -> int:
+    state = state_file(args.port)
+    pid = recorded_pid(state)
+    if pid is None:
+        print(f"lipsync-cluster: no cluster runs on port {args.port}", file=sys.stderr)
+        return 1
+    result = restart_result(state)
+    result.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + args.timeout
+    while not result.exists():
+        if time.monotonic() > deadline or recorded_pid(state) is None:
+            print("lipsync-cluster: the rolling restart did not finish", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    outcome = json.loads(result.read_text())
+    result.unlink(missing_ok=True)
+    if not outcome["ok"]:
+        print(f"lipsync-cluster: rolling restart failed: {outcome['error']}", file=sys.stderr)
+        return 1
+    for line in outcome["done"]:
+        print(line)
+    print(f"rolling restart done in {outcome['seconds']} s")
     return 0
 
 
 def up_detached(args: argparse.Namespace) -> int:
     state = state_file(args.port)
-    if state.exists():
+    if recorded_pid(state) is not None:
         print(
             f"lipsync-cluster: a cluster is already recorded on port {args.port} ({state}); "
             "run `lipsync-cluster down` first",
@@ -167,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command == "down":
         return down(args)
+    if args.command == "restart":
+        return restart(args)
     if args.detach:
         return up_detached(args)
     return run_foreground(args, ready=args.state)

@@ -20,6 +20,9 @@ worker_processes 2;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 
+# A reload's old workers finish their calls, then exit; a call still open after this long is cut.
+worker_shutdown_timeout 60s;
+
 events {{
     worker_connections 1024;
 }}
@@ -95,6 +98,19 @@ def prepare_prefix(prefix: Path) -> None:
         prefix.chmod(0o755)
         for path in [prefix / "tmp", *(prefix / "tmp").iterdir()]:
             os.chown(path, nobody.pw_uid, nobody.pw_gid)
+
+
+def workers(master: int) -> list[int]:
+    """The worker processes of the nginx master ``master`` (from /proc: children whose parent it is)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == master:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def command(binary: str, prefix: Path) -> list[str]:

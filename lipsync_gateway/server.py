@@ -52,6 +52,7 @@ from aiohttp import web
 from lipsync_client.api import LipsyncError, open_channel
 from lipsync_client.cli import add_connection_options, connection
 from lipsync_client.media import MediaError, read_speech
+from lipsync_client.retry import retrying
 from service_common.tls import ClientTls
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc, inference_pb2
@@ -63,7 +64,7 @@ SAMPLE_RATE = 16000
 CHUNK_SAMPLES = SAMPLE_RATE * 40 // 1000  # 40 ms of audio per AudioChunk
 MB = 1 << 20
 NDJSON = "application/x-ndjson"
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * MB), ("grpc.max_send_message_length", 64 * MB)]
+CHANNEL_OPTIONS = retrying([("grpc.max_receive_message_length", 64 * MB), ("grpc.max_send_message_length", 64 * MB)])
 # The page loads nothing from anywhere else: scripts, media and requests stay on this origin.
 PAGE_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' blob: data:; "

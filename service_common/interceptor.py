@@ -116,7 +116,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             kind = "stream_unary"
         inner = getattr(handler, kind)
         decode = _decoder(handler.request_deserializer, method)
-        is_session = kind == "stream_stream"
         serving = self._serving
 
         # Requests arrive as bytes and are decoded here: gRPC's own decoder answers UNKNOWN (and logs a traceback)
@@ -132,7 +131,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if kind.endswith("_stream"):
 
             async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                async with serving(method, metadata, is_session, context):
+                async with serving(method, metadata, kind, context):
                     async for response in inner(await decoded(request, context), context):
                         yield response
 
@@ -140,8 +139,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         else:
 
             async def unary_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                async with serving(method, metadata, is_session, context):
-                    return await inner(await decoded(request, context), context)
+                async with serving(method, metadata, kind, context):
+                    response = await inner(await decoded(request, context), context)
+                    # Headers go with the answer: a client's gRPC retry policy may retry a call whose server
+                    # stopped before answering only while no headers have arrived.
+                    await context.send_initial_metadata(((request_log.REQUEST_ID_KEY, request_log.request_id()),))
+                    return response
 
             behavior = unary_behavior
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
@@ -159,7 +162,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     @contextlib.asynccontextmanager
     async def _serving(
-        self, method: str, metadata: tuple, is_session: bool, context: grpc.aio.ServicerContext
+        self, method: str, metadata: tuple, kind: str, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[None]:
         policy, metrics = self.policy, self.policy.metrics
         record = request_log.RequestRecord(request_log.request_id_from(metadata), method, context.peer())
@@ -170,11 +173,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         try:
             async with contextlib.AsyncExitStack() as stack:
                 try:
-                    await context.send_initial_metadata(((request_log.REQUEST_ID_KEY, record.request_id),))
+                    if kind != "unary_unary":  # a unary call sends it with its answer
+                        await context.send_initial_metadata(((request_log.REQUEST_ID_KEY, record.request_id),))
                     principal = self._authenticate(method, metadata)
                     if principal is not None:
                         record.principal = principal.name
-                        if is_session:
+                        if kind == "stream_stream":  # a session
                             policy.limits.open_session(principal)
                             stack.callback(policy.limits.close_session, principal)
                     if policy.admission is not None and method in policy.admitted_methods:

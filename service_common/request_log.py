@@ -73,6 +73,12 @@ def request_id_from(metadata: Any) -> str:
 CLIENT_KEY = "x-client-id"
 
 
+def request_id() -> str:
+    """The current request's id ("" outside a request)."""
+    record = _current.get()
+    return record.request_id if record is not None else ""
+
+
 def client_name() -> str:
     """Who the current request is for: its token's name, else its peer address ("" outside a request)."""
     record = _current.get()

@@ -36,6 +36,9 @@ class RunningServer:
     shutdown_delay_s: float = 0.0
     tls: bool = False
     probe_server: grpc.aio.Server | None = None  # server.health_port: health only, plain text
+    # Called once new calls stop being routed here, before the grace period: what cannot finish in it (open
+    # streaming sessions) ends now with a status that says so, instead of being cut when the grace ends.
+    on_drain: Callable[[], Awaitable[None]] | None = None
 
     @property
     def address(self) -> str:
@@ -56,6 +59,8 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         if self.shutdown_delay_s > 0 and grace is None:
             await asyncio.sleep(self.shutdown_delay_s)
+        if self.on_drain is not None:
+            await self.on_drain()
         await self.server.stop(self.grace_seconds if grace is None else grace)
         if self.probe_server is not None:
             await self.probe_server.stop(0)

@@ -150,7 +150,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("healthy", "inference_server_healthy", "loaded_models", "max_models", "version", "inference_server_url", "inference_mode", "cache_bytes", "cache_max_bytes", "active_sessions", "jpeg_spliced_frames", "jpeg_full_frames")
+    __slots__ = ("healthy", "inference_server_healthy", "loaded_models", "max_models", "version", "inference_server_url", "inference_mode", "cache_bytes", "cache_max_bytes", "active_sessions", "jpeg_spliced_frames", "jpeg_full_frames", "inference_servers_reachable")
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_SERVER_HEALTHY_FIELD_NUMBER: _ClassVar[int]
     LOADED_MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,7 @@ class HealthResponse(_message.Message):
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     JPEG_SPLICED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     JPEG_FULL_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_SERVERS_REACHABLE_FIELD_NUMBER: _ClassVar[int]
     healthy: bool
     inference_server_healthy: bool
     loaded_models: int
@@ -175,7 +176,8 @@ class HealthResponse(_message.Message):
     active_sessions: int
     jpeg_spliced_frames: int
     jpeg_full_frames: int
-    def __init__(self, healthy: _Optional[bool] = ..., inference_server_healthy: _Optional[bool] = ..., loaded_models: _Optional[int] = ..., max_models: _Optional[int] = ..., version: _Optional[str] = ..., inference_server_url: _Optional[str] = ..., inference_mode: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., cache_max_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., jpeg_spliced_frames: _Optional[int] = ..., jpeg_full_frames: _Optional[int] = ...) -> None: ...
+    inference_servers_reachable: int
+    def __init__(self, healthy: _Optional[bool] = ..., inference_server_healthy: _Optional[bool] = ..., loaded_models: _Optional[int] = ..., max_models: _Optional[int] = ..., version: _Optional[str] = ..., inference_server_url: _Optional[str] = ..., inference_mode: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., cache_max_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., jpeg_spliced_frames: _Optional[int] = ..., jpeg_full_frames: _Optional[int] = ..., inference_servers_reachable: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model_id", "loaded", "model_path", "background_dir", "crop_rects_path", "stats", "num_frames", "frame_width", "frame_height")

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from lipsync_client.retry import retrying
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc
 
@@ -39,6 +40,7 @@ class Load:
     batch_size: int = 2
     timeout: float = 5.0
     pause: float = 0.0
+    retries: bool = True  # the retry policy lipsync_client uses (safe: the batch RPC is pure)
     honor_retry_after: bool = False  # sleep as long as a refusal's retry-after-ms says, as a good client does
     outcomes: list[Outcome] = field(default_factory=list)
 
@@ -48,7 +50,7 @@ class Load:
         self._workers: list[threading.Thread] = []
 
     def _run(self, worker: int) -> None:
-        with grpc.insecure_channel(self.address) as channel:
+        with grpc.insecure_channel(self.address, options=retrying() if self.retries else None) as channel:
             stub = compositing_pb2_grpc.CompositingServiceStub(channel)
             position = worker * 7
             while not self._stop.is_set():
