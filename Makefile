@@ -10,7 +10,7 @@ PROTOS := shared_proto/inference.proto shared_proto/compositing.proto
 RUN_PACKAGES := nginx-light
 TEST_PACKAGES := nginx-light docker-compose chromium kubectl
 
-.PHONY: system-deps system-deps-test install proto proto-check lint test test-fast bench bench-inference bench-image-libs bench-compositing bench-cluster bench-stream bench-hardening bench-splice bench-batching models demo run clean
+.PHONY: system-deps system-deps-test install proto proto-check lint test test-fast bench bench-inference bench-image-libs bench-compositing bench-cluster bench-stream bench-hardening bench-splice bench-batching soak models demo run clean
 
 install: $(VENV)/.installed
 
@@ -78,6 +78,12 @@ bench-hardening: install
 
 bench-stream: install
 	$(PY) bench/bench_stream.py --models-dir $(MODELS_DIR) --out bench/results/stream.json
+
+# Chaos soak (not in CI): 10 minutes of rolling restarts, kills and inference outages under load through nginx;
+# client-visible failures (0 expected) and RSS per process -> bench/results/soak.json. SOAK_MINUTES=N to change.
+SOAK_MINUTES ?= 10
+soak: system-deps models
+	$(PY) tools/soak.py --models-dir $(MODELS_DIR) --minutes $(SOAK_MINUTES) --out bench/results/soak.json
 
 # Set-up and the main job in one command: system packages, install, models, the local cluster
 # (inference, 2 compositing replicas, nginx), speech -> out/demo.mp4 through the load balancer.
