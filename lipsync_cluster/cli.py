@@ -1,4 +1,4 @@
-"""``lipsync-cluster up|down``: the cluster as local processes, in the foreground or in the background."""
+"""``lipsync-cluster up|down|restart``: the cluster as local processes, in the foreground or in the background."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--set-inference", action="append", default=[], metavar="KEY=VALUE")
     up.add_argument("--set-compositing", action="append", default=[], metavar="KEY=VALUE")
     up.add_argument("--state", type=Path, help=argparse.SUPPRESS)  # written by the detached supervisor when ready
-    down = sub.add_parser("down", help="stop a cluster started with --detach")
+    down = sub.add_parser("down", help="stop a running cluster (started in the background or not)")
     down.add_argument("--port", type=int, default=8080)
     restart = sub.add_parser("restart", help="restart a running cluster's processes without losing a call")
     restart.add_argument("--port", type=int, default=8080, help="the cluster's public port")
