@@ -10,6 +10,7 @@ from pathlib import Path
 
 import av
 import cv2
+import grpc
 import numpy as np
 import pytest
 from support import ServerThread, make_compositing_config, make_config
@@ -18,6 +19,7 @@ from compositing_service.geometry import frame_index
 from demo_models.avatar import mouth_center_in_frame
 from inference_service.audio import utterance_frames
 from lipsync_client import LipsyncClient, LipsyncError
+from shared_proto import compositing_pb2, compositing_pb2_grpc, inference_pb2
 
 SPEECH = Path(__file__).resolve().parents[1] / "data" / "speech_16k.wav"
 BIN = Path(sys.executable).parent
@@ -187,3 +189,42 @@ def test_api_errors() -> None:
         client.render("demo", SPEECH)
     frame = np.zeros((10, 10, 3), np.uint8)
     assert cv2.imencode(".jpg", frame)[0]
+
+
+class Recorder(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Keeps the requests a client sends (the session's first one: its config)."""
+
+    def __init__(self) -> None:
+        self.requests: list = []
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        self.requests.append(request)
+        return continuation(details, request)
+
+    def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        def recorded():
+            for request in requests:
+                self.requests.append(request)
+                yield request
+
+        return continuation(details, recorded())
+
+
+def test_the_client_says_its_audio_is_float32_and_never_leans_on_the_default(services, tmp_path) -> None:
+    """An unset audio_encoding means float32 (the Go clients' format); ours sets it all the same."""
+    recorder = Recorder()
+    with LipsyncClient(services.address) as client:
+        client.stub = compositing_pb2_grpc.CompositingServiceStub(grpc.intercept_channel(client.channel, recorder))
+        client.render("demo", speech()[:16000], frames_dir=tmp_path / "frames", batch_size=10)
+        with client.session("demo") as session:
+            session.send_audio(speech()[:8000])
+            session.close()
+            list(session.frames())
+    batches = [r for r in recorder.requests if isinstance(r, compositing_pb2.CompositeBatchRequest)]
+    configs = [
+        r.config for r in recorder.requests if isinstance(r, compositing_pb2.SessionRequest) and r.config.model_id
+    ]
+    assert len(batches) >= 3 and len(configs) == 1
+    assert all(r.raw_audio for r in batches)
+    assert {r.audio_encoding for r in batches} == {inference_pb2.AUDIO_FLOAT32}
+    assert configs[0].audio_encoding == inference_pb2.AUDIO_FLOAT32
