@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from pathlib import Path
@@ -107,3 +108,27 @@ class ServerThread:
             self.call(self.running.stop(grace=1.0))
         finally:
             self._close_loop()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it gives something truthy or ``timeout`` seconds pass; its last value.
+
+    For a test that waits for a condition instead of sleeping a fixed time: it returns as soon as the condition
+    holds, so a generous timeout costs nothing when all is well. The caller asserts on what it returns.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+async def wait_until_async(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.001) -> Any:
+    """``wait_until`` for a coroutine on an event loop: sleeps with ``asyncio.sleep`` so other tasks run."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        await asyncio.sleep(interval)

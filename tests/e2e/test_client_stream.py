@@ -13,7 +13,7 @@ import av
 import grpc
 import numpy as np
 import pytest
-from support import ServerThread, make_compositing_config, make_config
+from support import ServerThread, make_compositing_config, make_config, wait_until
 
 from compositing_service.session import frames_to_cover as server_frames_to_cover
 from inference_service.audio import utterance_frames
@@ -155,7 +155,7 @@ def test_session_api_utterances_and_errors(services) -> None:
             assert session.info.num_background_frames == 125
             feeder = session.feed(first.tobytes(), chunk_ms=100, close=False)  # s16le bytes
             feeder.join(30)
-            assert feeder.error is None
+            assert not feeder.is_alive() and feeder.error is None
             session.send_audio(second.astype(np.float32) / 32768)  # one big chunk, float32
             session.end_of_input()
             session.close()
@@ -199,10 +199,8 @@ def test_session_api_interrupt_and_leaving_early(services) -> None:
             first = next(session.frames())
         assert first.frame_index == 0
         feeder.join(30)
-        deadline = time.monotonic() + 10
-        while client.health().active_sessions and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert client.health().active_sessions == 0
+        assert not feeder.is_alive()
+        assert wait_until(lambda: client.health().active_sessions == 0)
         with pytest.raises(LipsyncError):
             session.send_audio(pcm[:640])
 

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from load import Load, percentile, rss_bytes
+from support import make_compositing_config, wait_until
 
+from compositing_service.inference_client import channel_options
 from lipsync_cluster import nginx
 from lipsync_cluster.launcher import Cluster, ClusterSpec
 from service_common.processes import ServiceProcess, free_port, wait_serving
@@ -66,6 +68,11 @@ def kill(process: ServiceProcess) -> None:
     process.stop()
 
 
+def started_after(load: Load, moment: float) -> int:
+    """Calls the load has finished that started after ``moment``."""
+    return sum(o.started > moment for o in load.snapshot())
+
+
 def test_inference_killed_under_load_gives_unavailable_in_time_then_recovers(models_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     inference = inference_process(models_dir, port, tmp_path / "inference.log")
@@ -79,29 +86,35 @@ def test_inference_killed_under_load_gives_unavailable_in_time_then_recovers(mod
     restarted = None
     try:
         with Load(compositing.address, threads=3, timeout=3.0, retries=False) as load:  # the service's own answer
-            time.sleep(1.5)
-            assert load.codes() and set(load.codes()) == {"OK"}, load.codes()
-            killed = time.monotonic()
+            assert wait_until(lambda: len(load.snapshot()) >= 9, timeout=60), "no calls were made"
+            assert set(load.codes()) == {"OK"}, load.codes()
+            # The baseline: a call with inference up (past each client's first, which loads the avatar).
+            calm = percentile([o.seconds for o in load.snapshot()[3:]], 50)
             kill(inference)
-            time.sleep(3.0)
+            killed = time.monotonic()  # inference is gone (reaped): every call from now on finds it down
+            assert wait_until(lambda: started_after(load, killed) >= 6, timeout=60), load.codes()
             restarting = time.monotonic()
             restarted = inference_process(models_dir, port, tmp_path / "inference-2.log")
             serving = time.monotonic()
-            deadline = serving + 10
-            while time.monotonic() < deadline and not any(
-                o.code == "OK" for o in load.snapshot() if o.started >= serving
-            ):
-                time.sleep(0.05)
-            time.sleep(0.5)
+            assert wait_until(
+                lambda: any(o.code == "OK" for o in load.snapshot() if o.started >= serving), timeout=30
+            ), load.codes(since=serving)
         outcomes = load.snapshot()
-        down = [o for o in outcomes if killed + 0.2 < o.started and o.ended < restarting]
+        down = [o for o in outcomes if killed < o.started and o.ended < restarting]
         assert len(down) >= 3, "no requests were made while inference was down"
         assert {o.code for o in down} == {"UNAVAILABLE"}, {(o.code, o.details) for o in down}
         assert all("inference service unreachable" in o.details for o in down)
-        # No hang: every call ended within its 3 s deadline (the replica answers before the client gives up).
-        assert max(o.seconds for o in outcomes) < 3.0, max(o.seconds for o in outcomes)
+        # No hang: every call got the replica's own answer before its 3 s deadline (the client never gave up).
+        assert "DEADLINE_EXCEEDED" not in {o.code for o in outcomes}, max(o.seconds for o in outcomes)
+        # Recovered in time: the replica's channel retries the connection at most every max_reconnect_backoff_ms
+        # (gRPC adds up to 20% jitter), a call that just missed it fails after its retries' backoff, and then a
+        # call like the calm ones before the kill succeeds.
+        config = make_compositing_config(models_dir, "127.0.0.1:1", **{"inference_server.max_retries": 2})
+        reconnect = 1.2 * dict(channel_options(config, "127.0.0.1:1"))["grpc.max_reconnect_backoff_ms"] / 1000
+        backoff = sum(min(config.inference_retry_backoff_s * 2**k, 2.0) for k in range(config.inference_max_retries))
+        bound = reconnect + backoff + 5 * calm + 0.5
         first_ok = min(o.ended for o in outcomes if o.code == "OK" and o.started >= serving)
-        assert first_ok - serving < 2.0, f"recovered {first_ok - serving:.2f} s after the restart"
+        assert first_ok - serving < bound, f"recovered {first_ok - serving:.2f} s after the restart (bound {bound:.2f})"
     finally:
         compositing.stop()
         inference.stop()
@@ -115,9 +128,11 @@ def test_one_of_two_inference_servers_killed_under_load_loses_no_request(models_
     compositing = compositing_process(models_dir, f"{a.address},{b.address}", tmp_path / "compositing.log")
     try:
         with Load(compositing.address, threads=3, timeout=10.0) as load:
-            time.sleep(1.5)
+            assert wait_until(lambda: len(load.snapshot()) >= 9, timeout=60), load.codes()  # 3 calls a client
             kill(a)
-            time.sleep(3.0)
+            killed = time.monotonic()
+            # The load goes on with b alone: 4 more calls a client, after those a had in flight.
+            assert wait_until(lambda: started_after(load, killed) >= 12, timeout=60), load.codes()
         codes = load.codes()
         assert set(codes) == {"OK"} and codes["OK"] > 20, codes
     finally:
@@ -138,10 +153,14 @@ def test_sigterm_to_a_replica_behind_nginx_loses_no_accepted_request(models_dir:
     try:
         victim = cluster.replicas[0]
         with Load(cluster.address, threads=4, timeout=20.0) as load:
-            time.sleep(1.5)
+            assert wait_until(lambda: len(load.snapshot()) >= 8, timeout=60), load.codes()  # 2 calls a client
             victim.process.process.send_signal(signal.SIGTERM)
             code = victim.process.process.wait(30)
-            time.sleep(1.5)
+            exited = time.monotonic()
+            # The load goes on through the other replica alone: 2 more calls a client, and more than 20 in all.
+            assert wait_until(lambda: started_after(load, exited) >= 8 and len(load.snapshot()) > 20, timeout=60), (
+                load.codes()
+            )
         assert code == 0
         codes = load.codes()
         assert set(codes) == {"OK"} and codes["OK"] > 20, {
@@ -165,14 +184,18 @@ def test_overload_is_refused_at_once_memory_stays_flat_and_admitted_latency_hold
     )
     try:
         with Load(compositing.address, threads=1, batch_size=4, timeout=30.0) as calm:
-            time.sleep(3.0)
+            # The baseline: 30 calls after 3 warming ones (avatar load, first inference), one at a time.
+            assert wait_until(lambda: len(calm.snapshot()) >= 33, timeout=120), calm.codes()
         baseline = [o.seconds for o in calm.snapshot()[3:] if o.code == "OK"]
-        assert len(baseline) >= 5
+        assert len(baseline) >= 30
         rss_before = rss_bytes(compositing.process.pid)
         rounds = []
         for _ in range(3):
             with Load(compositing.address, threads=12, batch_size=4, timeout=30.0, honor_retry_after=True) as storm:
-                time.sleep(3.0)
+                # A round lasts for 400 calls, 10 of them admitted at least: the same load on any machine.
+                assert wait_until(lambda: storm.codes()["OK"] >= 10 and len(storm.snapshot()) >= 400, timeout=120), (
+                    storm.codes()
+                )
             rounds.append(storm.snapshot())
         rss_after = rss_bytes(compositing.process.pid)
         outcomes = [o for r in rounds for o in r]
@@ -181,14 +204,16 @@ def test_overload_is_refused_at_once_memory_stays_flat_and_admitted_latency_hold
         assert {o.code for o in outcomes} <= {"OK", "RESOURCE_EXHAUSTED"}
         assert len(refused) > len(admitted) > 10
         assert all(o.retry_after_ms and o.retry_after_ms > 0 for o in refused)
-        assert percentile([o.seconds for o in refused], 99) < 0.25, "a refusal must come at once"
+        # A refusal comes at once: no later than a few calm calls would take (it does no work and waits for none).
+        refused_p99, base95 = percentile([o.seconds for o in refused], 99), percentile(baseline, 95)
+        assert refused_p99 < 5 * base95 + 0.1, ("a refusal must come at once", refused_p99, base95)
         # 1 running + 1 waiting: an admitted request waits for at most one other, whatever the load.
         p50, base50 = percentile(admitted, 50), percentile(baseline, 50)
         assert p50 < 3.0 * base50 + 0.05, (p50, base50)
-        assert percentile(admitted, 95) < 4.0 * percentile(baseline, 95) + 0.1
+        assert percentile(admitted, 95) < 4.0 * base95 + 0.1
         assert rss_after - rss_before < 64 << 20, (rss_before >> 20, rss_after >> 20)
         with grpc.insecure_channel(compositing.address) as channel:
-            wait_serving(compositing.address, 5)
+            wait_serving(compositing.address, 30)
             assert channel is not None
     finally:
         compositing.stop()
@@ -228,6 +253,7 @@ def test_sigterm_goes_not_serving_refuses_new_calls_and_lets_calls_in_flight_fin
     models_dir: Path, tmp_path: Path
 ) -> None:
     port = free_port()
+    delay = 1.5  # server.shutdown_delay_seconds: NOT_SERVING, still answering, for this long after SIGTERM
     service = inference_process(
         models_dir,
         port,
@@ -235,7 +261,7 @@ def test_sigterm_goes_not_serving_refuses_new_calls_and_lets_calls_in_flight_fin
         "--set",
         "models.unet328.preload=true",
         "--set",
-        "server.shutdown_delay_seconds=1.5",
+        f"server.shutdown_delay_seconds={delay}",
         "--set",
         "server.grace_seconds=20",
     )
@@ -253,22 +279,40 @@ def test_sigterm_goes_not_serving_refuses_new_calls_and_lets_calls_in_flight_fin
             )
             started = time.monotonic()
             in_flight = stub.InferBatch.future(slow, timeout=60)
-            time.sleep(0.3)
+
+            def running() -> bool:  # accepted and running on a device worker (or, on fast hardware, done already)
+                return in_flight.done() or any(
+                    d.active_runs for d in stub.Health(ipb.HealthRequest(), timeout=5).devices
+                )
+
+            assert wait_until(running, timeout=30, interval=0.02), "the slow call never started"
             service.process.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
+
+            def status(name: str) -> int:
+                return health.Check(health_pb2.HealthCheckRequest(service=name), timeout=2).status
+
             # During the shutdown delay: still answering, but NOT_SERVING (load balancers stop sending).
+            not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+            assert wait_until(lambda: status("") == not_serving, timeout=30, interval=0.02)
             for name in ("", "inference.InferenceService"):
-                status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=2).status
-                assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-            time.sleep(1.5)
+                assert status(name) == not_serving
+
             # After it: new calls are refused ...
-            with grpc.insecure_channel(service.address) as fresh, pytest.raises(grpc.RpcError) as err:
-                inference_pb2_grpc.InferenceServiceStub(fresh).Health(ipb.HealthRequest(), timeout=2)
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            def refused() -> grpc.RpcError | None:
+                with grpc.insecure_channel(service.address) as fresh:
+                    try:
+                        inference_pb2_grpc.InferenceServiceStub(fresh).Health(ipb.HealthRequest(), timeout=2)
+                    except grpc.RpcError as exc:
+                        return exc
+                return None  # still answering: the delay is not over
+
+            err = wait_until(refused, timeout=30, interval=0.05)
+            assert err is not None, "new calls were still answered"
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
             # ... and the call accepted before SIGTERM still completes.
             response = in_flight.result(timeout=60)
             assert response.success and len(response.outputs) == 6
-            assert time.monotonic() - started > 2.0, "the call should have outlived the shutdown delay"
+            assert time.monotonic() - started > delay, "the call should have outlived the shutdown delay"
         assert service.process.wait(30) == 0
     finally:
         service.stop()

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+from support import wait_until_async
 
 from service_common.admission import Admission
 from service_common.errors import DeadlineExceeded, ResourceExhausted
@@ -22,7 +23,7 @@ async def test_runs_then_queues_in_order_then_refuses() -> None:
     release = asyncio.Event()
     order: list[int] = []
     tasks = [asyncio.create_task(hold(admission, release, order, i)) for i in range(4)]
-    await asyncio.sleep(0.01)
+    await wait_until_async(lambda: admission.running + admission.waiting == 4)
     assert order == [0, 1] and admission.running == 2 and admission.waiting == 2
     with pytest.raises(ResourceExhausted) as err:
         async with admission.admit():
@@ -43,12 +44,20 @@ async def test_deadlines_passed_or_passing_while_waiting() -> None:
     release = asyncio.Event()
     order: list[int] = []
     first = asyncio.create_task(hold(admission, release, order, 0))
-    await asyncio.sleep(0.01)
+    assert await wait_until_async(lambda: order == [0])
+    # The baseline: how long a plain 50 ms timeout takes on this loop, now.
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.Event().wait(), 0.05)
+    timer = time.monotonic() - started
     started = time.monotonic()
     with pytest.raises(DeadlineExceeded, match="while it waited"):
         async with admission.admit(time.monotonic() + 0.05):
             pass
-    assert time.monotonic() - started < 0.5 and admission.waiting == 0
+    waited = time.monotonic() - started
+    # It gives up at its deadline, not when the slot frees (release is not set yet: it never would).
+    assert 0.04 <= waited < 5 * timer + 0.25, (waited, timer)
+    assert admission.waiting == 0 and order == [0]
     release.set()
     await first
     assert admission.running == 0
@@ -59,10 +68,10 @@ async def test_a_cancelled_waiter_gives_its_slot_on() -> None:
     release = asyncio.Event()
     order: list[int] = []
     first = asyncio.create_task(hold(admission, release, order, 0))
-    await asyncio.sleep(0.01)
+    assert await wait_until_async(lambda: order == [0])
     doomed = asyncio.create_task(hold(admission, release, order, 1))
     third = asyncio.create_task(hold(admission, release, order, 2))
-    await asyncio.sleep(0.01)
+    assert await wait_until_async(lambda: admission.waiting == 2)
     doomed.cancel()
     release.set()
     await asyncio.gather(first, third)

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
+from support import wait_until
 
 from compositing_service.cache import BackgroundCache
 
 FRAME = np.zeros((10, 10, 3), np.uint8)  # 300 bytes
 
 
-def loader(counter: list[int], delay: float = 0.0):
+def loader(counter: list[int]):
     def load(index: int) -> np.ndarray:
         counter.append(index)
-        if delay:
-            time.sleep(delay)
         return np.full_like(FRAME, index % 256)
 
     return load
@@ -56,18 +54,26 @@ def test_concurrent_misses_for_one_frame_load_it_once() -> None:
     results = []
     barrier = threading.Barrier(8)
 
+    def overlapping_load(index: int) -> np.ndarray:
+        # The load lasts until all 8 requests have missed (the other 7 are then waiting for it): they overlap
+        # for sure, however the threads are scheduled.
+        loads.append(index)
+        assert wait_until(lambda: cache.stats("a").misses == 8, timeout=30, interval=0.005)
+        return np.full_like(FRAME, index % 256)
+
     def request() -> None:
         barrier.wait()
-        results.append(cache.fetch("a", 7, loader(loads, delay=0.05)))
+        results.append(cache.fetch("a", 7, overlapping_load))
 
     threads = [threading.Thread(target=request) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(60)
+    assert len(results) == 8
     assert loads == [7]
     assert all(frame is results[0][0] for frame, _ in results)
-    assert not any(hit for _, hit in results) or sum(hit for _, hit in results) < 8
+    assert not any(hit for _, hit in results)  # every one missed, and only one of them loaded
 
 
 def test_cached_frames_are_read_only_and_failures_are_not_cached() -> None:
