@@ -19,7 +19,7 @@ from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc, inference_pb2
 
 from .media import MediaError, Mp4Writer, read_speech
-from .retry import retrying
+from .retry import REASKS, cut_in_transit, retrying
 
 if TYPE_CHECKING:
     from .session import LipsyncSession, StreamResult
@@ -168,6 +168,27 @@ class LipsyncClient:
         except grpc.RpcError as exc:
             raise LipsyncError(f"{exc.code().name}: {exc.details()}", exc.code()) from None
 
+    def composite(self, request: pb.CompositeBatchRequest, timeout: float | None = None) -> pb.CompositeBatchResponse:
+        """One batch (``InferBatchComposite``); see ``lipsync_client.retry`` for what is retried and how."""
+        return self._batch_answer(None, request, timeout)
+
+    def _batch_answer(
+        self, future: grpc.Future | None, request: pb.CompositeBatchRequest, timeout: float | None
+    ) -> pb.CompositeBatchResponse:
+        """The answer of ``future`` (a call of ``request`` in flight, or None to make one), asking again when
+        the answer was cut in transit: the batch is a pure function of the request."""
+        for attempt in range(REASKS + 1):
+            if future is None:
+                future = self.stub.InferBatchComposite.future(request, timeout=timeout or self.timeout)
+            try:
+                return future.result()
+            except grpc.RpcError as exc:
+                if attempt < REASKS and cut_in_transit(exc):
+                    future = None
+                    continue
+                raise LipsyncError(f"{exc.code().name}: {exc.details()}", exc.code()) from None
+        raise AssertionError("unreachable")  # the loop returns or raises
+
     def health(self) -> pb.HealthResponse:
         return self._call(self.stub.Health, pb.HealthRequest(), timeout=10)
 
@@ -242,7 +263,7 @@ class LipsyncClient:
             0, len(samples) / SAMPLE_RATE, 0.0, out=Path(out) if out else None, frames_dir=frames_path
         )
         started = time.perf_counter()
-        pending: collections.deque[tuple[int, float, Future]] = collections.deque()
+        pending: collections.deque[tuple[int, float, pb.CompositeBatchRequest, Future]] = collections.deque()
         firsts = iter(range(0, total, batch_size))
         try:
             while True:
@@ -263,20 +284,12 @@ class LipsyncClient:
                         batch_size=count,
                         start_frame_idx=start_frame + first,
                     )
-                    pending.append(
-                        (
-                            first,
-                            time.perf_counter(),
-                            self.stub.InferBatchComposite.future(request, timeout=self.timeout),
-                        )
-                    )
+                    call = self.stub.InferBatchComposite.future(request, timeout=self.timeout)
+                    pending.append((first, time.perf_counter(), request, call))
                 if not pending:
                     break
-                first, sent, future = pending.popleft()
-                try:
-                    response = future.result()
-                except grpc.RpcError as exc:
-                    raise LipsyncError(f"{exc.code().name}: {exc.details()}", exc.code()) from None
+                first, sent, request, future = pending.popleft()
+                response = self._batch_answer(future, request, None)
                 result.batch_latencies_ms.append((time.perf_counter() - sent) * 1000)
                 for i, data in enumerate(response.composited_frames):
                     if writer:
@@ -292,7 +305,7 @@ class LipsyncClient:
                 if progress:
                     progress(result.frames, total)
         finally:
-            for _, _, future in pending:
+            for *_, future in pending:
                 future.cancel()
             if writer:
                 writer.close()

@@ -64,6 +64,16 @@ http {{
         location / {{
             grpc_pass grpc://compositing;
         }}
+
+        # nginx's own 502/503/504 (a replica died with the call in flight, or none is up) as gRPC UNAVAILABLE in a
+        # Trailers-Only answer, which gRPC clients retry; a plain 502 with a body commits the call before they see it.
+        error_page 502 503 504 = @unavailable;
+        location @unavailable {{
+            default_type application/grpc;
+            add_header grpc-status 14 always;
+            add_header grpc-message "no compositing replica answered the call" always;
+            return 204;
+        }}
     }}
 }}
 """

@@ -1,7 +1,8 @@
 """Chaos soak (`make soak`, not in CI): rolling restarts, kills and inference outages under load.
 
 A local cluster (2 inference servers, 2 compositing replicas, nginx) serves 8 clients that call the batch RPC in a
-loop through nginx with lipsync_client's retry policy. Meanwhile, in turn:
+loop through nginx with ``LipsyncClient.composite`` (gRPC's retry policy, and a batch whose answer was cut in transit
+asked again). Meanwhile, in turn:
 
 - a rolling restart (each replica replaced behind nginx, each inference server restarted);
 - a compositing replica killed with SIGKILL (no drain at all), then replaced;
@@ -22,14 +23,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import grpc
 import numpy as np
 
-from lipsync_client.retry import retrying
+from lipsync_client.api import LipsyncClient, LipsyncError
 from lipsync_cluster.launcher import Cluster, ClusterSpec, Part
 from service_common.processes import free_port
 from shared_proto import compositing_pb2 as pb
-from shared_proto import compositing_pb2_grpc
 
 WINDOW = np.full((32, 16, 16), 0.6, np.float32).tobytes()
 
@@ -47,8 +46,7 @@ class Clients:
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(count)]
 
     def _run(self, index: int) -> None:
-        with grpc.insecure_channel(self.address, options=retrying()) as channel:
-            stub = compositing_pb2_grpc.CompositingServiceStub(channel)
+        with LipsyncClient(self.address, timeout=60) as client:
             position = index * 11
             while not self._stop.is_set():
                 request = pb.CompositeBatchRequest(
@@ -57,12 +55,12 @@ class Clients:
                 position += 4
                 started = time.monotonic()
                 try:
-                    stub.InferBatchComposite(request, timeout=60)
+                    client.composite(request)
                     code = "OK"
-                except grpc.RpcError as exc:
-                    code = exc.code().name
+                except LipsyncError as exc:
+                    code = exc.code.name if exc.code else "ERROR"
                     with self._lock:
-                        self.failures.append(f"{time.strftime('%H:%M:%S')} {code}: {exc.details()}")
+                        self.failures.append(f"{time.strftime('%H:%M:%S')} {exc}")
                 with self._lock:
                     self.codes[code] += 1
                     self.latencies.append(time.monotonic() - started)
