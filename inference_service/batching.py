@@ -33,6 +33,7 @@ from service_common.errors import DeadlineExceeded, InvalidArgument, ResourceExh
 from .audio import RawAudio, batch_features
 from .config import BatchingConfig
 from .engine import DeviceWorkers, LipSyncModel, current_worker
+from .inputs import Crop, fill_from_crops
 from .tensors import to_model_input, to_output_dtype
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class BatchedResult:
 
 @dataclass
 class _Item:
-    visual: np.ndarray  # [n, ...] uint8 or float32, validated
+    visual: np.ndarray | list[Crop]  # [n, 6, H, W] uint8 or float32, validated; or n crops
     audio: np.ndarray | RawAudio  # [n, ...] float32 windows, or speech
     output_dtype: np.dtype
     client: str
@@ -98,7 +99,7 @@ class Batcher:
 
     async def submit(
         self,
-        visual: np.ndarray,
+        visual: np.ndarray | list[Crop],
         audio: np.ndarray | RawAudio,
         output_dtype: np.dtype,
         client: str = "",
@@ -270,15 +271,18 @@ class Batcher:
             self._changed.set()
 
 
-def run_requests(model: LipSyncModel, items: list[tuple[np.ndarray, np.ndarray | RawAudio, np.dtype]]) -> Done:
+def run_requests(
+    model: LipSyncModel, items: list[tuple[np.ndarray | list[Crop], np.ndarray | RawAudio, np.dtype]]
+) -> Done:
     """Worker-thread part of a forward pass for one request or a batch of them: each request's audio features,
     then one forward pass over all their frames, then each request's output conversion.
 
-    A request that turns out invalid here (NaN pixels, speech the encoder cannot use) fails alone: the others
-    still run.
+    A request's visual input is the whole model input as sent (uint8 or float32 [n, 6, H, W]) or crops (sent or
+    held, inference_service/inputs.py) whose masked half is built here. A request that turns out invalid here
+    (NaN pixels, speech the encoder cannot use) fails alone: the others still run.
     """
     worker = current_worker()
-    valid: list[tuple[np.ndarray, np.ndarray]] = []
+    valid: list[tuple[np.ndarray | list[Crop], np.ndarray]] = []
     done = Done([], [], [], [], 0.0)
     for visual, audio, _ in items:
         started = time.perf_counter()
@@ -286,7 +290,7 @@ def run_requests(model: LipSyncModel, items: list[tuple[np.ndarray, np.ndarray |
         try:
             if isinstance(audio, RawAudio):
                 audio, utterance = batch_features(audio, len(visual), lambda c: model.encode_audio(c, worker))
-            if visual.dtype == np.float32 and not np.isfinite(visual).all():
+            if isinstance(visual, np.ndarray) and visual.dtype == np.float32 and not np.isfinite(visual).all():
                 raise InvalidArgument("visual_frames: contains NaN or infinity")
         except ServiceError as exc:
             done.errors.append(exc)
@@ -298,25 +302,10 @@ def run_requests(model: LipSyncModel, items: list[tuple[np.ndarray, np.ndarray |
     if not valid:
         done.outputs = [None] * len(items)
         return done
-    if len(valid) == 1:
-        visual_in = to_model_input(valid[0][0])
-        audio_in = np.ascontiguousarray(valid[0][1], dtype=np.float32)
-    else:
-        # Each request is converted straight into its rows of the batch (no per-request float copies to join).
-        total = sum(len(v) for v, _ in valid)
-        visual_in = np.empty((total, *valid[0][0].shape[1:]), np.float32)
-        audio_in = np.empty((total, *np.shape(valid[0][1])[1:]), np.float32)
-        at = 0
-        for visual, audio in valid:
-            rows = slice(at, at + len(visual))
-            if visual.dtype == np.uint8:
-                np.divide(visual, np.float32(255.0), out=visual_in[rows], dtype=np.float32)
-            else:
-                visual_in[rows] = visual
-            audio_in[rows] = audio
-            at += len(visual)
+    visual_in = model_input(model, [v for v, _ in valid])
+    audio_in = valid[0][1] if len(valid) == 1 else np.concatenate([a for _, a in valid])
     started = time.perf_counter()
-    out = model.run(visual_in, audio_in, worker)
+    out = model.run(visual_in, np.ascontiguousarray(audio_in, dtype=np.float32), worker)
     done.forward_ms = (time.perf_counter() - started) * 1000.0
     at = 0
     for k, (visual, _, dtype) in enumerate(items):
@@ -326,3 +315,25 @@ def run_requests(model: LipSyncModel, items: list[tuple[np.ndarray, np.ndarray |
         else:
             done.outputs.append(None)
     return done
+
+
+def model_input(model: LipSyncModel, visuals: list[np.ndarray | list[Crop]]) -> np.ndarray | list[Crop]:
+    """The forward pass's image input: on the device from held crops when the model builds it there (``prep``),
+    else float32 [B, 6, H, W] on the host, each request converted straight into its rows (no per-request float
+    copies to join)."""
+    if model.prep is not None and all(isinstance(v, list) for v in visuals):
+        return [crop for v in visuals for crop in v]  # type: ignore[union-attr]
+    if len(visuals) == 1 and isinstance(visuals[0], np.ndarray):
+        return to_model_input(visuals[0])
+    out = np.empty((sum(len(v) for v in visuals), *model.visual_shape), np.float32)
+    at = 0
+    for visual in visuals:
+        rows = out[at : at + len(visual)]
+        if isinstance(visual, list):
+            fill_from_crops(rows, visual, model.crop_geometry())
+        elif visual.dtype == np.uint8:
+            np.divide(visual, np.float32(255.0), out=rows, dtype=np.float32)
+        else:
+            rows[...] = visual
+        at += len(visual)
+    return out

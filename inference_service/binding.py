@@ -10,6 +10,10 @@ graphs ORT needs every input and output at the address it captured. A ``BoundRun
   ``gpu_graph_id`` naming the graph. A batch is padded with zeros up to the next graph size (the padding
   frames' outputs are dropped), and a batch larger than the largest size runs in pieces of that size.
 
+Held model inputs (inference_service/inputs.py) come as crops already on the device: the runner's ``prep`` builds
+the float input there, into the graph's fixed buffer when CUDA graphs are on, and binds it; nothing is copied
+from the host for them.
+
 The same code runs against the CPU (device type "cpu"), which is how its logic is tested here: no GPU exists
 where this project is developed.
 """
@@ -22,6 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
+
+from .inputs import Crop, PrepGraphs
 
 MAX_SIZES = 8  # output buffers kept per runner, most recently used batch sizes
 
@@ -54,6 +60,7 @@ class BoundRunner:
         device_type: str,
         device_id: int = 0,
         graph_sizes: Sequence[int] = (),
+        prep: PrepGraphs | None = None,
     ) -> None:
         self.session = session
         self.visual_name, self.audio_name = input_names
@@ -62,6 +69,7 @@ class BoundRunner:
         self.device_type = device_type
         self.device_id = device_id
         self.graph_sizes = tuple(sorted(graph_sizes))
+        self.prep = prep
         self._outputs: collections.OrderedDict[int, tuple[ort.IOBinding, ort.OrtValue]] = collections.OrderedDict()
         self._graphs: dict[int, tuple[ort.IOBinding, ort.OrtValue, ort.OrtValue, ort.OrtValue, ort.RunOptions]] = {}
         self.allocations = 0  # device buffers created, for tests and memory accounting
@@ -78,8 +86,9 @@ class BoundRunner:
             total += sum(int(np.prod(v.shape())) * 4 for v in (visual, audio, out))
         return total
 
-    def run(self, visual: np.ndarray, audio: np.ndarray) -> np.ndarray:
-        """One forward pass of float32 C-contiguous ``visual`` [B, ...] and ``audio`` [B, ...]; host float32 out."""
+    def run(self, visual: np.ndarray | list[Crop], audio: np.ndarray) -> np.ndarray:
+        """One forward pass of float32 C-contiguous ``visual`` [B, ...] (or crops for ``prep``) and ``audio``
+        [B, ...]; host float32 out."""
         if self.graph_sizes:
             return self._run_graphs(visual, audio)
         frames = len(visual)
@@ -93,7 +102,11 @@ class BoundRunner:
                 self._outputs.popitem(last=False)
         self._outputs[frames] = bound
         binding, out = bound
-        binding.bind_cpu_input(self.visual_name, visual)
+        if isinstance(visual, list):
+            assert self.prep is not None, "crops need the device's input builder"
+            binding.bind_ortvalue_input(self.visual_name, self.prep.build(visual))
+        else:
+            binding.bind_cpu_input(self.visual_name, visual)
         binding.bind_cpu_input(self.audio_name, audio)
         self.session.run_with_iobinding(binding)
         return self._to_host(out)
@@ -121,11 +134,21 @@ class BoundRunner:
         self._graphs[size] = (binding, visual, audio, out, options)
         return self._graphs[size]
 
-    def _run_graphs(self, visual: np.ndarray, audio: np.ndarray) -> np.ndarray:
+    def _run_graphs(self, visual: np.ndarray | list[Crop], audio: np.ndarray) -> np.ndarray:
         results = []
+        if isinstance(visual, list):
+            assert self.prep is not None, "crops need the device's input builder"
+            visual_item: tuple[int, ...] = self.prep.geometry.visual_shape
+        else:
+            visual_item = visual.shape[1:]
         for start, count, size in pieces(len(visual), self.graph_sizes):
-            binding, visual_value, audio_value, out, options = self._graph(size, visual.shape[1:], audio.shape[1:])
-            visual_value.update_inplace(_padded(visual[start : start + count], size))
+            binding, visual_value, audio_value, out, options = self._graph(size, visual_item, audio.shape[1:])
+            if isinstance(visual, list):
+                piece = visual[start : start + count]
+                # Padding frames repeat the last crop: their outputs are dropped, and nothing is uploaded for them.
+                self.prep.build(piece + piece[-1:] * (size - count), out=visual_value)  # type: ignore[union-attr]
+            else:
+                visual_value.update_inplace(_padded(visual[start : start + count], size))
             audio_value.update_inplace(_padded(audio[start : start + count], size))
             self.session.run_with_iobinding(binding, options)
             results.append(self._to_host(out)[:count])

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lipsync_protocol.geometry import Geometry
 from service_common.config_source import (
     ConfigError,
     Section,
+    parse_geometry,
     parse_listen_address,
     parse_log_level,
     read_config,
@@ -48,6 +50,7 @@ class ModelConfig:
     preload: bool = False
     preferred_gpu: int | None = None
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    geometry: Geometry | None = None  # None: found from the model's input size
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,9 @@ class OnnxConfig:
     # frees cores for other work but costs a wake-up per op: unet328 through the service
     # fell from 0.98 to 0.86 of bare here (docs/decisions/0004).
     allow_spinning: bool = True
+    # ... and by ORT's default they go on spinning after a run ends, waiting for the next one: a core burnt
+    # between requests. False stops them when the last concurrent run returns (docs/decisions/0010).
+    spin_between_runs: bool = False
     # CUDA execution provider options (see docs/gpu.md).
     cudnn_conv_algo_search: str = "HEURISTIC"
     cudnn_conv_use_max_workspace: bool = True
@@ -66,6 +72,9 @@ class OnnxConfig:
     arena_extend_strategy: str = "kNextPowerOfTwo"
     # Bind inputs and outputs to reusable buffers on the model's device ("auto": on GPUs only).
     io_binding: str = "auto"
+    # Held model inputs uploaded to the device once and the float input built there ("auto": on GPUs; "on" on
+    # the CPU too, which only tests want: numpy builds it faster there).
+    device_inputs: str = "auto"
     # CUDA graphs: one captured graph per batch size listed; other sizes are padded up to the next one.
     cuda_graph: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -94,6 +103,8 @@ class InferenceConfig:
     max_models: int = 8
     max_memory_bytes: int = 0
     eviction_policy: str = "lfu"
+    # Model inputs held for inputs by reference (inference_service/inputs.py); 0 keeps none.
+    input_cache_bytes: int = 1024 * 1024 * 1024
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     # The audio encoder of every model that names none (top-level audio_encoder_path, or found where the Go
@@ -224,6 +235,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: 
         graph_optimization=onnx.str("graph_optimization", "all", choices=["disable", "basic", "extended", "all"])
         or "all",
         allow_spinning=onnx.bool("allow_spinning", True),
+        spin_between_runs=onnx.bool("spin_between_runs", False),
         cudnn_conv_algo_search=onnx.str(
             "cudnn_conv_algo_search", "HEURISTIC", choices=["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
         )
@@ -235,6 +247,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: 
         or "kNextPowerOfTwo",
         cudnn_conv_use_max_workspace=onnx.bool("cudnn_conv_use_max_workspace", True),
         io_binding=onnx.str("io_binding", "auto", choices=["auto", "on", "off"]) or "auto",
+        device_inputs=onnx.str("device_inputs", "auto", choices=["auto", "on", "off"]) or "auto",
         cuda_graph=onnx.bool("cuda_graph", False),
         cuda_graph_batch_sizes=graph_sizes(onnx),
         tensorrt=onnx.bool("tensorrt", False),
@@ -272,6 +285,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: 
             preload=section.bool("preload", False),
             preferred_gpu=None if preferred < 0 else preferred,
             batching=parse_batching(section.section("batching"), batching_defaults),
+            geometry=parse_geometry(section) if section.has("geometry") else None,
         )
 
     logging_section = root.section("logging")
@@ -294,6 +308,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: 
         assignment_strategy=strategy,
         max_models=capacity.int("max_models", 8, minimum=1),
         max_memory_bytes=int(capacity.float("max_memory_gb", 0.0, minimum=0.0) * GIB),
+        input_cache_bytes=int(capacity.float("input_cache_mb", 1024, minimum=0.0) * 1024 * 1024),
         eviction_policy=eviction,
         onnx=onnx_cfg,
         models=models,

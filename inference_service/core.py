@@ -8,11 +8,14 @@ paths run the same code.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from lipsync_protocol.inputs import FULL_CHANNELS, REAL_CHANNELS, check_key
 from service_common.errors import FailedPrecondition, InvalidArgument
 
 from . import __version__
@@ -21,6 +24,7 @@ from .batching import Batcher, Done, run_requests
 from .config import BatchingConfig, InferenceConfig
 from .devices import Device, select_devices
 from .engine import DeviceWorkers, LipSyncModel
+from .inputs import Crop, InputCache, crops_of
 from .registry import LoadOutcome, ModelEntry, ModelRegistry
 from .tensors import audio_windows, batch_of
 
@@ -42,6 +46,31 @@ class InferResult:
 
 
 @dataclass
+class VisualBatch:
+    """A request's image input as it came: ``pixels`` (flat or shaped) hold whole model inputs (``channels`` 6,
+    uint8 or float32) or real crops (3, uint8). With ``keys`` (one per frame) the inputs go by reference: the
+    pixels are those of the frames at positions ``sent`` (ascending), kept under their keys; the other frames'
+    are read from the input cache."""
+
+    pixels: np.ndarray
+    channels: int = FULL_CHANNELS
+    keys: Sequence[str] = ()
+    sent: Sequence[int] = field(default_factory=tuple)
+
+
+class InputsMissing(FailedPrecondition):
+    """Some referenced inputs are not held here; nothing ran. The caller sends those frames' pixels again (the
+    servicer answers OK with ``missing_visual``, a documented answer rather than a failure)."""
+
+    def __init__(self, model_id: str, positions: list[int]) -> None:
+        super().__init__(
+            f"visual_keys: model {model_id!r} holds no input for {len(positions)} of the frames "
+            f"(positions {positions[:8]}{'...' if len(positions) > 8 else ''}); send their pixels"
+        )
+        self.positions = positions
+
+
+@dataclass
 class DeviceStatus:
     device: Device
     loaded_models: int
@@ -58,6 +87,7 @@ class InferenceCore:
         self.registry = ModelRegistry(config, self.devices)
         self.workers = {d.label: DeviceWorkers(d, config.max_queue_per_device) for d in self.devices}
         self.batchers: dict[tuple[str, str], Batcher] = {}
+        self.inputs = InputCache(config.input_cache_bytes)
         self.version = __version__
 
     @property
@@ -89,7 +119,7 @@ class InferenceCore:
     async def infer(
         self,
         model_id: str,
-        visual: np.ndarray,
+        visual: np.ndarray | VisualBatch,
         audio_features: np.ndarray | None,
         *,
         batch_size: int = 0,
@@ -105,13 +135,18 @@ class InferenceCore:
         (``raw_audio``), turned into features on the model's device by its audio encoder. ``deadline`` is on
         the monotonic clock: a batch still waiting for a worker when it passes is not run. With the model's
         ``batching`` enabled, the request shares a forward pass with others (``client`` keeps that fair).
+        ``visual`` is a VisualBatch for real crops or inputs by reference (InputsMissing: some are not held).
         """
+        if isinstance(visual, np.ndarray):
+            visual = VisualBatch(visual)
         if batch_size < 0:
             raise InvalidArgument(
                 f"batch_size: expected 0 (infer) or 1..{self.config.max_batch_size}, got {batch_size}"
             )
-        if visual.dtype not in (np.uint8, np.float32):
-            raise InvalidArgument(f"visual_frames: expected uint8 or float32, got {visual.dtype}")
+        if visual.pixels.dtype not in (np.uint8, np.float32):
+            raise InvalidArgument(f"visual_frames: expected uint8 or float32, got {visual.pixels.dtype}")
+        if visual.channels not in (FULL_CHANNELS, REAL_CHANNELS):
+            raise InvalidArgument(f"visual_channels: expected 6 (or 0) or 3, got {visual.channels}")
         if np.dtype(output_dtype) not in (np.uint8, np.float32):
             raise InvalidArgument(f"output_dtype: expected uint8 or float32, got {np.dtype(output_dtype)}")
         use_features = audio_features is not None and audio_features.size > 0
@@ -121,8 +156,8 @@ class InferenceCore:
         counted = 0  # frames this request has added to its device's count (least-loaded placement reads it)
         try:
             model = entry.model
-            frames_in = batch_of(visual.reshape(-1), model.visual_shape, batch_size, "visual_frames")
-            frames = frames_in.shape[0]
+            frames_in = self._visual_input(model, visual, batch_size)
+            frames = len(frames_in)
             if frames > self.config.max_batch_size:
                 raise InvalidArgument(
                     f"batch_size: expected at most {self.config.max_batch_size} frames "
@@ -185,6 +220,52 @@ class InferenceCore:
         self.registry.release(entry, frames, result.inference_ms)
         return result
 
+    def _visual_input(self, model: LipSyncModel, visual: VisualBatch, batch_size: int) -> np.ndarray | list[Crop]:
+        """The frames' model inputs: whole [B, 6, H, W] arrays, or crops (sent now, or held under their keys)."""
+        flat = visual.pixels.reshape(-1)
+        if not visual.keys:
+            if visual.channels == FULL_CHANNELS:
+                return batch_of(flat, model.visual_shape, batch_size, "visual_frames")
+            return crops_of(
+                batch_of(self._crop_pixels(visual), model.crop_geometry().crop_shape, batch_size, "visual_frames")
+            )
+        keys = list(visual.keys)
+        if batch_size and len(keys) != batch_size:
+            raise InvalidArgument(f"visual_keys: batch_size is {batch_size} but {len(keys)} keys were sent")
+        if visual.channels != REAL_CHANNELS:
+            raise InvalidArgument("visual_channels: inputs by reference (visual_keys) are real crops; expected 3")
+        for i, key in enumerate(keys):
+            try:
+                check_key(key, f"visual_keys[{i}]")
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+        sent = [int(p) for p in visual.sent]
+        if any(b <= a for a, b in itertools.pairwise(sent)) or (sent and not 0 <= sent[0] <= sent[-1] < len(keys)):
+            raise InvalidArgument(f"visual_sent: expected ascending positions in 0..{len(keys) - 1}, got {sent[:16]}")
+        shape = model.crop_geometry().crop_shape
+        crops: list[Crop | None] = [None] * len(keys)
+        if sent:
+            pixels = batch_of(self._crop_pixels(visual), shape, len(sent), "visual_frames")
+            for position, frame in zip(sent, pixels, strict=True):
+                crops[position] = self.inputs.store(model.model_id, keys[position], frame)
+        elif flat.size:
+            raise InvalidArgument("visual_frames: pixels were sent but visual_sent names no frame for them")
+        wanted = [i for i in range(len(keys)) if crops[i] is None]
+        for position, crop in zip(
+            wanted, self.inputs.lookup(model.model_id, [keys[i] for i in wanted], shape), strict=True
+        ):
+            crops[position] = crop
+        missing = [i for i in wanted if crops[i] is None]
+        if missing:
+            raise InputsMissing(model.model_id, missing)
+        return crops  # type: ignore[return-value]
+
+    @staticmethod
+    def _crop_pixels(visual: VisualBatch) -> np.ndarray:
+        if visual.pixels.dtype != np.uint8:
+            raise InvalidArgument("visual_dtype: real crops (visual_channels 3) are uint8 pixels; expected DTYPE_UINT8")
+        return visual.pixels.reshape(-1)
+
     def _batcher(self, model: LipSyncModel, config: BatchingConfig) -> Batcher:
         """The model's batcher on its device; a reloaded model gets a new one (the old one ends when idle)."""
         key = (model.model_id, model.device.label)
@@ -200,6 +281,7 @@ class InferenceCore:
 
     async def unload(self, model_id: str) -> None:
         await asyncio.to_thread(self.registry.unload, model_id)
+        self.inputs.drop_model(model_id)
 
     def device_status(self) -> list[DeviceStatus]:
         entries = self.registry.entries()

@@ -22,11 +22,13 @@ from typing import Any, TypeVar
 import numpy as np
 import onnxruntime as ort
 
-from service_common.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted
+from lipsync_protocol.geometry import Geometry, geometry_for_input
+from service_common.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
 
 from .binding import BoundRunner
 from .config import OnnxConfig
 from .devices import CUDA_PROVIDER, TENSORRT_PROVIDER, Device, providers_for, session_options
+from .inputs import Crop, PrepGraphs
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,15 @@ def _static_dims(shape: list[Any], default: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) and d > 0 else default[i] for i, d in enumerate(dims))
 
 
+def _geometry_of(visual_shape: tuple[int, ...]) -> Geometry | None:
+    """The geometry of a model configured without one, found from its input size (320: 328, 160: 160); None for
+    a size of no known family (such a model is served whole 6-channel inputs only)."""
+    try:
+        return geometry_for_input(visual_shape[-1])
+    except ValueError:
+        return None
+
+
 def create_session(path: Path, device: Device, onnx: OnnxConfig, max_batch: int = 64) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(
@@ -174,6 +185,7 @@ class LipSyncModel:
         onnx: OnnxConfig,
         encoder_path: Path | None = None,
         max_batch: int = 64,
+        geometry: Geometry | None = None,
     ) -> None:
         self.model_id = model_id
         self.path = path
@@ -197,10 +209,23 @@ class LipSyncModel:
         for name, dims in (("input", self.visual_shape), ("audio", self.audio_shape), ("output", self.output_shape)):
             if -1 in dims:
                 raise InvalidArgument(f"model file {path.name}: {name} must be 4-D [batch, C, H, W]")
+        self.geometry = geometry or _geometry_of(self.visual_shape)
+        if self.geometry is not None and self.geometry.visual_shape != self.visual_shape:
+            raise InvalidArgument(
+                f"model file {path.name}: input is {list(self.visual_shape)} but geometry "
+                f"{self.geometry.name} feeds {list(self.geometry.visual_shape)}"
+            )
         self.providers = self.session.get_providers()
         location = binding_device(self.session)
         use_binding = onnx.io_binding == "on" or (onnx.io_binding == "auto" and location == "cuda")
         self.graph_sizes = onnx.cuda_graph_batch_sizes if onnx.cuda_graph and location == "cuda" else ()
+        # Held inputs live on the device and the float input is built there (CUDA; the CPU when asked, as tests do).
+        device_inputs = onnx.device_inputs == "on" or (onnx.device_inputs == "auto" and location == "cuda")
+        self.prep = (
+            PrepGraphs(self.geometry, self.session.get_providers(), location, max(device.index, 0))
+            if device_inputs and self.geometry is not None and (use_binding or self.graph_sizes)
+            else None
+        )
         self.runners = (
             [
                 BoundRunner(
@@ -211,6 +236,7 @@ class LipSyncModel:
                     location,
                     max(device.index, 0),
                     self.graph_sizes,
+                    self.prep,
                 )
                 for w in range(device.workers)
             ]
@@ -233,8 +259,18 @@ class LipSyncModel:
     def device_buffer_bytes(self) -> int:
         return sum(r.device_bytes for r in self.runners)
 
-    def run(self, visual: np.ndarray, audio: np.ndarray, worker: int = 0) -> np.ndarray:
-        """One forward pass on ``worker``'s session; inputs already validated float32 C-contiguous."""
+    def crop_geometry(self) -> Geometry:
+        """The geometry that turns a real crop into this model's input (crops sent or held need one)."""
+        if self.geometry is None:
+            raise FailedPrecondition(
+                f"visual_channels: model {self.model_id!r} takes a {list(self.visual_shape)} input of no known "
+                f"geometry; set models.{self.model_id}.geometry, or send all 6 channels"
+            )
+        return self.geometry
+
+    def run(self, visual: np.ndarray | list[Crop], audio: np.ndarray, worker: int = 0) -> np.ndarray:
+        """One forward pass on ``worker``'s session; inputs already validated float32 C-contiguous, or crops
+        (held inputs) whose model input the device builds (``self.prep``)."""
         try:
             if self.runners:
                 return self.runners[worker % len(self.runners)].run(visual, audio)

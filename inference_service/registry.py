@@ -104,6 +104,7 @@ class ModelRegistry:
             self.config.onnx,
             spec.audio_encoder_path,
             max_batch=self.config.max_batch_size,
+            geometry=spec.geometry,
         )
         if self.config.warmup:
             # With batching, the batch size it forms under load is warmed too (a cold size costs a first run).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
+from lipsync_protocol.inputs import FULL_CHANNELS
 from service_common import request_log
 from service_common.errors import InvalidArgument
 from service_common.grpc_glue import deadline_of, translate_errors
@@ -13,7 +14,7 @@ from shared_proto import inference_pb2 as pb
 from shared_proto import inference_pb2_grpc as pb_grpc
 
 from .audio import SAMPLE_RATE, RawAudio
-from .core import InferenceCore
+from .core import InferenceCore, InputsMissing, VisualBatch
 from .registry import ModelEntry
 from .tensors import frombuffer
 
@@ -91,21 +92,30 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         visual_dtype = np_dtype(request.visual_dtype, "visual_dtype")
         output_dtype = np_dtype(request.output_dtype, "output_dtype")
         visual_bytes = request.visual_frames  # each read of a bytes field copies it: read once
-        if not visual_bytes:
-            raise InvalidArgument("visual_frames: required ([B,6,320,320] float32 or uint8)")
-        visual = frombuffer(visual_bytes, visual_dtype, "visual_frames")
-        audio = frombuffer(request.audio_features, np.float32, "audio_features")
-        result = await self.core.infer(
-            request.model_id,
-            visual,
-            audio,
-            batch_size=request.batch_size,
-            audio_shape=tuple(request.audio_features_shape),
-            raw_audio=raw_audio_of(request),
-            output_dtype=output_dtype,
-            deadline=deadline_of(context),
-            client=client_of(context),
+        keys = list(request.visual_keys)
+        if not visual_bytes and not keys:
+            raise InvalidArgument("visual_frames: required ([B,6,320,320] float32 or uint8), or visual_keys")
+        visual = VisualBatch(
+            frombuffer(visual_bytes, visual_dtype, "visual_frames"),
+            request.visual_channels or FULL_CHANNELS,
+            keys,
+            request.visual_sent,
         )
+        audio = frombuffer(request.audio_features, np.float32, "audio_features")
+        try:
+            result = await self.core.infer(
+                request.model_id,
+                visual,
+                audio,
+                batch_size=request.batch_size,
+                audio_shape=tuple(request.audio_features_shape),
+                raw_audio=raw_audio_of(request),
+                output_dtype=output_dtype,
+                deadline=deadline_of(context),
+                client=client_of(context),
+            )
+        except InputsMissing as missing:
+            return pb.InferBatchResponse(success=False, error=missing.message, missing_visual=missing.positions)
         out = result.outputs
         report_batch(
             self.metrics,
@@ -198,6 +208,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     @translate_errors
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
         statuses = self.core.device_status()
+        inputs = self.core.inputs.stats()
         devices = [
             pb.DeviceInfo(
                 device=s.device.label,
@@ -233,4 +244,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             version=self.core.version,
             gpus=gpus,
             devices=devices,
+            input_cache_bytes=inputs.bytes,
+            input_cache_max_bytes=inputs.max_bytes,
+            input_cache_entries=inputs.entries,
         )

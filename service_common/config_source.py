@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from lipsync_protocol.geometry import GEOMETRIES, INTERPOLATIONS, Geometry
+
 ENV_PREFIX = "LIPSYNC_"
 
 
@@ -234,3 +236,42 @@ MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 def valid_model_id(model_id: str) -> bool:
     return bool(MODEL_ID_PATTERN.fullmatch(model_id)) and ".." not in model_id
+
+
+def parse_geometry(model: Section) -> Geometry:
+    """``models.<id>.geometry``: a family's name ("328", "160"), or a mapping of the family's fields to change
+    (``base``: the family to start from, default 328; crop_size, inner, input_size, mask [x, y, w, h],
+    crop_interpolation, paste_interpolation)."""
+    key = model.key("geometry")
+    value = model.data.get("geometry")
+    if not isinstance(value, dict):
+        name = str(value)
+        if name not in GEOMETRIES:
+            raise ConfigError(f"{key}: expected one of {', '.join(GEOMETRIES)} or a mapping, got {value!r}")
+        return GEOMETRIES[name]
+    section = model.section("geometry")
+    unknown = section.unknown_keys(
+        ["base", "crop_size", "inner", "input_size", "mask", "crop_interpolation", "paste_interpolation"]
+    )
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key")
+    base = GEOMETRIES[section.str("base", "328", choices=list(GEOMETRIES)) or "328"]
+    mask = section.data.get("mask", list(base.mask))
+    if not (
+        isinstance(mask, list) and len(mask) == 4 and all(isinstance(v, int) and not isinstance(v, bool) for v in mask)
+    ):
+        raise ConfigError(f"{section.key('mask')}: expected [x, y, w, h] integers, got {mask!r}")
+    geometry = Geometry(
+        name=f"{base.name}-custom",
+        crop_size=section.int("crop_size", base.crop_size, minimum=1, maximum=4096),
+        inner=section.int("inner", base.inner, minimum=0),
+        input_size=section.int("input_size", base.input_size, minimum=1, maximum=4096),
+        mask=(mask[0], mask[1], mask[2], mask[3]),
+        crop_interpolation=section.str("crop_interpolation", base.crop_interpolation, choices=INTERPOLATIONS) or "",
+        paste_interpolation=section.str("paste_interpolation", base.paste_interpolation, choices=INTERPOLATIONS) or "",
+    )
+    try:
+        geometry.check()
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    return geometry

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshared_proto/inference.proto\x12\tinference\"\xfe\x02\n\x11InferBatchRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rvisual_frames\x18\x02 \x01(\x0c\x12\x11\n\traw_audio\x18\x03 \x01(\x0c\x12\x16\n\x0e\x61udio_features\x18\x04 \x01(\x0c\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x13\n\x0bsample_rate\x18\x06 \x01(\x05\x12&\n\x0cvisual_dtype\x18\x07 \x01(\x0e\x32\x10.inference.DType\x12&\n\x0coutput_dtype\x18\x08 \x01(\x0e\x32\x10.inference.DType\x12\x1c\n\x14\x61udio_features_shape\x18\t \x03(\x05\x12\x30\n\x0e\x61udio_encoding\x18\n \x01(\x0e\x32\x18.inference.AudioEncoding\x12\x1c\n\x14\x61udio_offset_samples\x18\x0b \x01(\x03\x12\x19\n\x11utterance_samples\x18\x0c \x01(\x03\x12\x13\n\x0b\x66irst_frame\x18\r \x01(\x05\"N\n\x0eRawMouthRegion\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.inference.DType\x12\r\n\x05shape\x18\x03 \x03(\x05\"\xaa\x02\n\x12InferBatchResponse\x12*\n\x07outputs\x18\x01 \x03(\x0b\x32\x19.inference.RawMouthRegion\x12\x19\n\x11inference_time_ms\x18\x02 \x01(\x02\x12\x1b\n\x13\x61udio_processing_ms\x18\x03 \x01(\x02\x12\x0f\n\x07success\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x11\n\tworker_id\x18\x06 \x01(\x05\x12\x0e\n\x06gpu_id\x18\x07 \x01(\x05\x12\x15\n\rqueue_time_ms\x18\x08 \x01(\x02\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x18\n\x10utterance_frames\x18\n \x01(\x05\x12\x14\n\x0c\x62\x61tch_frames\x18\x0b \x01(\x05\x12\x16\n\x0e\x62\x61tch_requests\x18\x0c \x01(\x05\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.inference.ModelInfo\"N\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66orce_reload\x18\x02 \x01(\x08\x12\x12\n\nmodel_path\x18\x03 \x01(\t\"\x80\x01\n\x11LoadModelResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x14\n\x0cload_time_ms\x18\x03 \x01(\x02\x12$\n\x05stats\x18\x04 \x01(\x0b\x32\x15.inference.ModelStats\x12\x0f\n\x07\x65victed\x18\x05 \x03(\t\"&\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"5\n\x13UnloadModelResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"(\n\x14GetModelStatsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\x9e\x01\n\x15GetModelStatsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.inference.ModelInfo\x12\x12\n\nmax_models\x18\x02 \x01(\x05\x12\x15\n\rloaded_models\x18\x03 \x01(\x05\x12\x1a\n\x12total_memory_bytes\x18\x04 \x01(\x03\x12\x18\n\x10max_memory_bytes\x18\x05 \x01(\x03\"\x0f\n\rHealthRequest\"\xd2\x01\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x16\n\x0e\x63uda_available\x18\x02 \x01(\x08\x12\x15\n\rloaded_models\x18\x03 \x01(\x05\x12\x12\n\nmax_models\x18\x04 \x01(\x05\x12\x11\n\tgpu_count\x18\x05 \x01(\x05\x12\x0f\n\x07version\x18\x06 \x01(\t\x12 \n\x04gpus\x18\x07 \x03(\x0b\x32\x12.inference.GPUInfo\x12&\n\x07\x64\x65vices\x18\x08 \x03(\x0b\x32\x15.inference.DeviceInfo\"u\n\x07GPUInfo\x12\x0e\n\x06gpu_id\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1a\n\x12total_memory_bytes\x18\x03 \x01(\x03\x12\x19\n\x11used_memory_bytes\x18\x04 \x01(\x03\x12\x15\n\rloaded_models\x18\x05 \x01(\x05\"\xdf\x01\n\nDeviceInfo\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0e\n\x06gpu_id\x18\x02 \x01(\x05\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x1a\n\x12total_memory_bytes\x18\x04 \x01(\x03\x12\x19\n\x11used_memory_bytes\x18\x05 \x01(\x03\x12\x15\n\rloaded_models\x18\x06 \x01(\x05\x12\x1a\n\x12\x65xecution_provider\x18\x07 \x01(\t\x12\x0f\n\x07workers\x18\x08 \x01(\x05\x12\x13\n\x0b\x61\x63tive_runs\x18\t \x01(\x05\x12\x13\n\x0bqueued_runs\x18\n \x01(\x05\"\x87\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12$\n\x05stats\x18\x04 \x01(\x0b\x32\x15.inference.ModelStats\x12\x0e\n\x06gpu_id\x18\x05 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\"\xe7\x01\n\nModelStats\x12\x13\n\x0busage_count\x18\x01 \x01(\x03\x12\x19\n\x11last_used_unix_ms\x18\x02 \x01(\x03\x12\x1f\n\x17total_inference_time_ms\x18\x03 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\x12\x16\n\x0eloaded_unix_ms\x18\x05 \x01(\x03\x12\x14\n\x0ctotal_frames\x18\x06 \x01(\x03\x12\x1e\n\x16mean_inference_time_ms\x18\x07 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0cload_time_ms\x18\t \x01(\x01*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x02*W\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41UDIO_PCM_S16LE\x10\x01\x12\x11\n\rAUDIO_FLOAT32\x10\x02\x32\xd1\x03\n\x10InferenceService\x12I\n\nInferBatch\x12\x1c.inference.InferBatchRequest\x1a\x1d.inference.InferBatchResponse\x12I\n\nListModels\x12\x1c.inference.ListModelsRequest\x1a\x1d.inference.ListModelsResponse\x12\x46\n\tLoadModel\x12\x1b.inference.LoadModelRequest\x1a\x1c.inference.LoadModelResponse\x12L\n\x0bUnloadModel\x12\x1d.inference.UnloadModelRequest\x1a\x1e.inference.UnloadModelResponse\x12R\n\rGetModelStats\x12\x1f.inference.GetModelStatsRequest\x1a .inference.GetModelStatsResponse\x12=\n\x06Health\x12\x18.inference.HealthRequest\x1a\x19.inference.HealthResponseB\x13Z\x11lipsync/inferenceb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshared_proto/inference.proto\x12\tinference\"\xc1\x03\n\x11InferBatchRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rvisual_frames\x18\x02 \x01(\x0c\x12\x11\n\traw_audio\x18\x03 \x01(\x0c\x12\x16\n\x0e\x61udio_features\x18\x04 \x01(\x0c\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x13\n\x0bsample_rate\x18\x06 \x01(\x05\x12&\n\x0cvisual_dtype\x18\x07 \x01(\x0e\x32\x10.inference.DType\x12&\n\x0coutput_dtype\x18\x08 \x01(\x0e\x32\x10.inference.DType\x12\x1c\n\x14\x61udio_features_shape\x18\t \x03(\x05\x12\x30\n\x0e\x61udio_encoding\x18\n \x01(\x0e\x32\x18.inference.AudioEncoding\x12\x1c\n\x14\x61udio_offset_samples\x18\x0b \x01(\x03\x12\x19\n\x11utterance_samples\x18\x0c \x01(\x03\x12\x13\n\x0b\x66irst_frame\x18\r \x01(\x05\x12\x13\n\x0bvisual_keys\x18\x0e \x03(\t\x12\x13\n\x0bvisual_sent\x18\x0f \x03(\x05\x12\x17\n\x0fvisual_channels\x18\x10 \x01(\x05\"N\n\x0eRawMouthRegion\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.inference.DType\x12\r\n\x05shape\x18\x03 \x03(\x05\"\xc2\x02\n\x12InferBatchResponse\x12*\n\x07outputs\x18\x01 \x03(\x0b\x32\x19.inference.RawMouthRegion\x12\x19\n\x11inference_time_ms\x18\x02 \x01(\x02\x12\x1b\n\x13\x61udio_processing_ms\x18\x03 \x01(\x02\x12\x0f\n\x07success\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x11\n\tworker_id\x18\x06 \x01(\x05\x12\x0e\n\x06gpu_id\x18\x07 \x01(\x05\x12\x15\n\rqueue_time_ms\x18\x08 \x01(\x02\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x18\n\x10utterance_frames\x18\n \x01(\x05\x12\x14\n\x0c\x62\x61tch_frames\x18\x0b \x01(\x05\x12\x16\n\x0e\x62\x61tch_requests\x18\x0c \x01(\x05\x12\x16\n\x0emissing_visual\x18\r \x03(\x05\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.inference.ModelInfo\"N\n\x10LoadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66orce_reload\x18\x02 \x01(\x08\x12\x12\n\nmodel_path\x18\x03 \x01(\t\"\x80\x01\n\x11LoadModelResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x14\n\x0cload_time_ms\x18\x03 \x01(\x02\x12$\n\x05stats\x18\x04 \x01(\x0b\x32\x15.inference.ModelStats\x12\x0f\n\x07\x65victed\x18\x05 \x03(\t\"&\n\x12UnloadModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"5\n\x13UnloadModelResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"(\n\x14GetModelStatsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\x9e\x01\n\x15GetModelStatsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.inference.ModelInfo\x12\x12\n\nmax_models\x18\x02 \x01(\x05\x12\x15\n\rloaded_models\x18\x03 \x01(\x05\x12\x1a\n\x12total_memory_bytes\x18\x04 \x01(\x03\x12\x18\n\x10max_memory_bytes\x18\x05 \x01(\x03\"\x0f\n\rHealthRequest\"\xa9\x02\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x16\n\x0e\x63uda_available\x18\x02 \x01(\x08\x12\x15\n\rloaded_models\x18\x03 \x01(\x05\x12\x12\n\nmax_models\x18\x04 \x01(\x05\x12\x11\n\tgpu_count\x18\x05 \x01(\x05\x12\x0f\n\x07version\x18\x06 \x01(\t\x12 \n\x04gpus\x18\x07 \x03(\x0b\x32\x12.inference.GPUInfo\x12&\n\x07\x64\x65vices\x18\x08 \x03(\x0b\x32\x15.inference.DeviceInfo\x12\x19\n\x11input_cache_bytes\x18\t \x01(\x03\x12\x1d\n\x15input_cache_max_bytes\x18\n \x01(\x03\x12\x1b\n\x13input_cache_entries\x18\x0b \x01(\x05\"u\n\x07GPUInfo\x12\x0e\n\x06gpu_id\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1a\n\x12total_memory_bytes\x18\x03 \x01(\x03\x12\x19\n\x11used_memory_bytes\x18\x04 \x01(\x03\x12\x15\n\rloaded_models\x18\x05 \x01(\x05\"\xdf\x01\n\nDeviceInfo\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0e\n\x06gpu_id\x18\x02 \x01(\x05\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x1a\n\x12total_memory_bytes\x18\x04 \x01(\x03\x12\x19\n\x11used_memory_bytes\x18\x05 \x01(\x03\x12\x15\n\rloaded_models\x18\x06 \x01(\x05\x12\x1a\n\x12\x65xecution_provider\x18\x07 \x01(\t\x12\x0f\n\x07workers\x18\x08 \x01(\x05\x12\x13\n\x0b\x61\x63tive_runs\x18\t \x01(\x05\x12\x13\n\x0bqueued_runs\x18\n \x01(\x05\"\x87\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12$\n\x05stats\x18\x04 \x01(\x0b\x32\x15.inference.ModelStats\x12\x0e\n\x06gpu_id\x18\x05 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\"\xe7\x01\n\nModelStats\x12\x13\n\x0busage_count\x18\x01 \x01(\x03\x12\x19\n\x11last_used_unix_ms\x18\x02 \x01(\x03\x12\x1f\n\x17total_inference_time_ms\x18\x03 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\x12\x16\n\x0eloaded_unix_ms\x18\x05 \x01(\x03\x12\x14\n\x0ctotal_frames\x18\x06 \x01(\x03\x12\x1e\n\x16mean_inference_time_ms\x18\x07 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0cload_time_ms\x18\t \x01(\x01*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x02*W\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41UDIO_PCM_S16LE\x10\x01\x12\x11\n\rAUDIO_FLOAT32\x10\x02\x32\xd1\x03\n\x10InferenceService\x12I\n\nInferBatch\x12\x1c.inference.InferBatchRequest\x1a\x1d.inference.InferBatchResponse\x12I\n\nListModels\x12\x1c.inference.ListModelsRequest\x1a\x1d.inference.ListModelsResponse\x12\x46\n\tLoadModel\x12\x1b.inference.LoadModelRequest\x1a\x1c.inference.LoadModelResponse\x12L\n\x0bUnloadModel\x12\x1d.inference.UnloadModelRequest\x1a\x1e.inference.UnloadModelResponse\x12R\n\rGetModelStats\x12\x1f.inference.GetModelStatsRequest\x1a .inference.GetModelStatsResponse\x12=\n\x06Health\x12\x18.inference.HealthRequest\x1a\x19.inference.HealthResponseB\x13Z\x11lipsync/inferenceb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,44 +32,44 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared_proto.inference_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z\021lipsync/inference'
-  _globals['_DTYPE']._serialized_start=2346
-  _globals['_DTYPE']._serialized_end=2412
-  _globals['_AUDIOENCODING']._serialized_start=2414
-  _globals['_AUDIOENCODING']._serialized_end=2501
+  _globals['_DTYPE']._serialized_start=2524
+  _globals['_DTYPE']._serialized_end=2590
+  _globals['_AUDIOENCODING']._serialized_start=2592
+  _globals['_AUDIOENCODING']._serialized_end=2679
   _globals['_INFERBATCHREQUEST']._serialized_start=44
-  _globals['_INFERBATCHREQUEST']._serialized_end=426
-  _globals['_RAWMOUTHREGION']._serialized_start=428
-  _globals['_RAWMOUTHREGION']._serialized_end=506
-  _globals['_INFERBATCHRESPONSE']._serialized_start=509
-  _globals['_INFERBATCHRESPONSE']._serialized_end=807
-  _globals['_LISTMODELSREQUEST']._serialized_start=809
-  _globals['_LISTMODELSREQUEST']._serialized_end=828
-  _globals['_LISTMODELSRESPONSE']._serialized_start=830
-  _globals['_LISTMODELSRESPONSE']._serialized_end=888
-  _globals['_LOADMODELREQUEST']._serialized_start=890
-  _globals['_LOADMODELREQUEST']._serialized_end=968
-  _globals['_LOADMODELRESPONSE']._serialized_start=971
-  _globals['_LOADMODELRESPONSE']._serialized_end=1099
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1101
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1139
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=1141
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=1194
-  _globals['_GETMODELSTATSREQUEST']._serialized_start=1196
-  _globals['_GETMODELSTATSREQUEST']._serialized_end=1236
-  _globals['_GETMODELSTATSRESPONSE']._serialized_start=1239
-  _globals['_GETMODELSTATSRESPONSE']._serialized_end=1397
-  _globals['_HEALTHREQUEST']._serialized_start=1399
-  _globals['_HEALTHREQUEST']._serialized_end=1414
-  _globals['_HEALTHRESPONSE']._serialized_start=1417
-  _globals['_HEALTHRESPONSE']._serialized_end=1627
-  _globals['_GPUINFO']._serialized_start=1629
-  _globals['_GPUINFO']._serialized_end=1746
-  _globals['_DEVICEINFO']._serialized_start=1749
-  _globals['_DEVICEINFO']._serialized_end=1972
-  _globals['_MODELINFO']._serialized_start=1975
-  _globals['_MODELINFO']._serialized_end=2110
-  _globals['_MODELSTATS']._serialized_start=2113
-  _globals['_MODELSTATS']._serialized_end=2344
-  _globals['_INFERENCESERVICE']._serialized_start=2504
-  _globals['_INFERENCESERVICE']._serialized_end=2969
+  _globals['_INFERBATCHREQUEST']._serialized_end=493
+  _globals['_RAWMOUTHREGION']._serialized_start=495
+  _globals['_RAWMOUTHREGION']._serialized_end=573
+  _globals['_INFERBATCHRESPONSE']._serialized_start=576
+  _globals['_INFERBATCHRESPONSE']._serialized_end=898
+  _globals['_LISTMODELSREQUEST']._serialized_start=900
+  _globals['_LISTMODELSREQUEST']._serialized_end=919
+  _globals['_LISTMODELSRESPONSE']._serialized_start=921
+  _globals['_LISTMODELSRESPONSE']._serialized_end=979
+  _globals['_LOADMODELREQUEST']._serialized_start=981
+  _globals['_LOADMODELREQUEST']._serialized_end=1059
+  _globals['_LOADMODELRESPONSE']._serialized_start=1062
+  _globals['_LOADMODELRESPONSE']._serialized_end=1190
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1192
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1230
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1232
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1285
+  _globals['_GETMODELSTATSREQUEST']._serialized_start=1287
+  _globals['_GETMODELSTATSREQUEST']._serialized_end=1327
+  _globals['_GETMODELSTATSRESPONSE']._serialized_start=1330
+  _globals['_GETMODELSTATSRESPONSE']._serialized_end=1488
+  _globals['_HEALTHREQUEST']._serialized_start=1490
+  _globals['_HEALTHREQUEST']._serialized_end=1505
+  _globals['_HEALTHRESPONSE']._serialized_start=1508
+  _globals['_HEALTHRESPONSE']._serialized_end=1805
+  _globals['_GPUINFO']._serialized_start=1807
+  _globals['_GPUINFO']._serialized_end=1924
+  _globals['_DEVICEINFO']._serialized_start=1927
+  _globals['_DEVICEINFO']._serialized_end=2150
+  _globals['_MODELINFO']._serialized_start=2153
+  _globals['_MODELINFO']._serialized_end=2288
+  _globals['_MODELSTATS']._serialized_start=2291
+  _globals['_MODELSTATS']._serialized_end=2522
+  _globals['_INFERENCESERVICE']._serialized_start=2682
+  _globals['_INFERENCESERVICE']._serialized_end=3147
 # @@protoc_insertion_point(module_scope)

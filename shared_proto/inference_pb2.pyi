@@ -26,7 +26,7 @@ AUDIO_PCM_S16LE: AudioEncoding
 AUDIO_FLOAT32: AudioEncoding
 
 class InferBatchRequest(_message.Message):
-    __slots__ = ("model_id", "visual_frames", "raw_audio", "audio_features", "batch_size", "sample_rate", "visual_dtype", "output_dtype", "audio_features_shape", "audio_encoding", "audio_offset_samples", "utterance_samples", "first_frame")
+    __slots__ = ("model_id", "visual_frames", "raw_audio", "audio_features", "batch_size", "sample_rate", "visual_dtype", "output_dtype", "audio_features_shape", "audio_encoding", "audio_offset_samples", "utterance_samples", "first_frame", "visual_keys", "visual_sent", "visual_channels")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VISUAL_FRAMES_FIELD_NUMBER: _ClassVar[int]
     RAW_AUDIO_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,9 @@ class InferBatchRequest(_message.Message):
     AUDIO_OFFSET_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     UTTERANCE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     FIRST_FRAME_FIELD_NUMBER: _ClassVar[int]
+    VISUAL_KEYS_FIELD_NUMBER: _ClassVar[int]
+    VISUAL_SENT_FIELD_NUMBER: _ClassVar[int]
+    VISUAL_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     visual_frames: bytes
     raw_audio: bytes
@@ -53,7 +56,10 @@ class InferBatchRequest(_message.Message):
     audio_offset_samples: int
     utterance_samples: int
     first_frame: int
-    def __init__(self, model_id: _Optional[str] = ..., visual_frames: _Optional[bytes] = ..., raw_audio: _Optional[bytes] = ..., audio_features: _Optional[bytes] = ..., batch_size: _Optional[int] = ..., sample_rate: _Optional[int] = ..., visual_dtype: _Optional[_Union[DType, str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., audio_features_shape: _Optional[_Iterable[int]] = ..., audio_encoding: _Optional[_Union[AudioEncoding, str]] = ..., audio_offset_samples: _Optional[int] = ..., utterance_samples: _Optional[int] = ..., first_frame: _Optional[int] = ...) -> None: ...
+    visual_keys: _containers.RepeatedScalarFieldContainer[str]
+    visual_sent: _containers.RepeatedScalarFieldContainer[int]
+    visual_channels: int
+    def __init__(self, model_id: _Optional[str] = ..., visual_frames: _Optional[bytes] = ..., raw_audio: _Optional[bytes] = ..., audio_features: _Optional[bytes] = ..., batch_size: _Optional[int] = ..., sample_rate: _Optional[int] = ..., visual_dtype: _Optional[_Union[DType, str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., audio_features_shape: _Optional[_Iterable[int]] = ..., audio_encoding: _Optional[_Union[AudioEncoding, str]] = ..., audio_offset_samples: _Optional[int] = ..., utterance_samples: _Optional[int] = ..., first_frame: _Optional[int] = ..., visual_keys: _Optional[_Iterable[str]] = ..., visual_sent: _Optional[_Iterable[int]] = ..., visual_channels: _Optional[int] = ...) -> None: ...
 
 class RawMouthRegion(_message.Message):
     __slots__ = ("data", "dtype", "shape")
@@ -66,7 +72,7 @@ class RawMouthRegion(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InferBatchResponse(_message.Message):
-    __slots__ = ("outputs", "inference_time_ms", "audio_processing_ms", "success", "error", "worker_id", "gpu_id", "queue_time_ms", "device", "utterance_frames", "batch_frames", "batch_requests")
+    __slots__ = ("outputs", "inference_time_ms", "audio_processing_ms", "success", "error", "worker_id", "gpu_id", "queue_time_ms", "device", "utterance_frames", "batch_frames", "batch_requests", "missing_visual")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     AUDIO_PROCESSING_MS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +85,7 @@ class InferBatchResponse(_message.Message):
     UTTERANCE_FRAMES_FIELD_NUMBER: _ClassVar[int]
     BATCH_FRAMES_FIELD_NUMBER: _ClassVar[int]
     BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_VISUAL_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.RepeatedCompositeFieldContainer[RawMouthRegion]
     inference_time_ms: float
     audio_processing_ms: float
@@ -91,7 +98,8 @@ class InferBatchResponse(_message.Message):
     utterance_frames: int
     batch_frames: int
     batch_requests: int
-    def __init__(self, outputs: _Optional[_Iterable[_Union[RawMouthRegion, _Mapping]]] = ..., inference_time_ms: _Optional[float] = ..., audio_processing_ms: _Optional[float] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., worker_id: _Optional[int] = ..., gpu_id: _Optional[int] = ..., queue_time_ms: _Optional[float] = ..., device: _Optional[str] = ..., utterance_frames: _Optional[int] = ..., batch_frames: _Optional[int] = ..., batch_requests: _Optional[int] = ...) -> None: ...
+    missing_visual: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, outputs: _Optional[_Iterable[_Union[RawMouthRegion, _Mapping]]] = ..., inference_time_ms: _Optional[float] = ..., audio_processing_ms: _Optional[float] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., worker_id: _Optional[int] = ..., gpu_id: _Optional[int] = ..., queue_time_ms: _Optional[float] = ..., device: _Optional[str] = ..., utterance_frames: _Optional[int] = ..., batch_frames: _Optional[int] = ..., batch_requests: _Optional[int] = ..., missing_visual: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -166,7 +174,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("healthy", "cuda_available", "loaded_models", "max_models", "gpu_count", "version", "gpus", "devices")
+    __slots__ = ("healthy", "cuda_available", "loaded_models", "max_models", "gpu_count", "version", "gpus", "devices", "input_cache_bytes", "input_cache_max_bytes", "input_cache_entries")
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     CUDA_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     LOADED_MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +183,9 @@ class HealthResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_CACHE_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     healthy: bool
     cuda_available: bool
     loaded_models: int
@@ -183,7 +194,10 @@ class HealthResponse(_message.Message):
     version: str
     gpus: _containers.RepeatedCompositeFieldContainer[GPUInfo]
     devices: _containers.RepeatedCompositeFieldContainer[DeviceInfo]
-    def __init__(self, healthy: _Optional[bool] = ..., cuda_available: _Optional[bool] = ..., loaded_models: _Optional[int] = ..., max_models: _Optional[int] = ..., gpu_count: _Optional[int] = ..., version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GPUInfo, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ...) -> None: ...
+    input_cache_bytes: int
+    input_cache_max_bytes: int
+    input_cache_entries: int
+    def __init__(self, healthy: _Optional[bool] = ..., cuda_available: _Optional[bool] = ..., loaded_models: _Optional[int] = ..., max_models: _Optional[int] = ..., gpu_count: _Optional[int] = ..., version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GPUInfo, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., input_cache_bytes: _Optional[int] = ..., input_cache_max_bytes: _Optional[int] = ..., input_cache_entries: _Optional[int] = ...) -> None: ...
 
 class GPUInfo(_message.Message):
     __slots__ = ("gpu_id", "name", "total_memory_bytes", "used_memory_bytes", "loaded_models")

@@ -13,7 +13,9 @@ from inference_service.binding import MAX_SIZES, BoundRunner, graph_size_for, pi
 from inference_service.config import OnnxConfig, load_config
 from inference_service.devices import CPU_PROVIDER, CUDA_PROVIDER, TENSORRT_PROVIDER, Device, providers_for
 from inference_service.engine import LipSyncModel
+from inference_service.inputs import Crop, PrepGraphs, crops_of, fill_from_crops
 from inference_service.registry import ModelRegistry
+from lipsync_protocol.geometry import DEFAULT
 
 
 def inputs(frames: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -149,3 +151,47 @@ def test_placement_passes_over_a_full_gpu(models_dir: Path) -> None:
 
     assert placements(64 << 30) == ["cuda:0", "cuda:1", "cuda:0"]
     assert placements(int(size * 1.5)) == ["cuda:0", "cuda:1", "cuda:1"]  # no room for a second copy there
+
+
+def held_crops(frames: int, seed: int = 3) -> tuple[list[Crop], np.ndarray]:
+    """Crops as the input cache holds them, and the float model input the host path builds from them."""
+    real = np.random.default_rng(seed).integers(0, 256, (frames, 3, 320, 320), dtype=np.uint8)
+    expected = np.empty((frames, 6, 320, 320), np.float32)
+    fill_from_crops(expected, crops_of(real), DEFAULT)
+    return [Crop(r.copy()) for r in real], expected
+
+
+def test_held_inputs_are_uploaded_once_and_built_on_the_device(session: ort.InferenceSession) -> None:
+    prep = PrepGraphs(DEFAULT, [CPU_PROVIDER], "cpu", 0)
+    runner = BoundRunner(session, ("input", "audio"), "output", (3, 320, 320), "cpu", prep=prep)
+    crops, expected = held_crops(3)
+    audio = inputs(3)[1]
+    np.testing.assert_array_equal(prep.build(crops).numpy(), expected)  # the graph's arithmetic is numpy's
+    np.testing.assert_array_equal(runner.run(crops, audio), bare(session, expected, audio))
+    uploaded = [c.on_device("cpu", 0, keep_host=False) for c in crops]
+    runner.run(crops, audio)
+    assert all(c.on_device("cpu", 0, False) is u for c, u in zip(crops, uploaded, strict=True))  # not re-uploaded
+    again, _ = held_crops(3)
+    assert all(np.array_equal(c.host, a.host) for c, a in zip(crops, again, strict=True))  # read back from there
+
+
+def test_held_inputs_fill_cuda_graph_buffers_with_padding(session: ort.InferenceSession) -> None:
+    prep = PrepGraphs(DEFAULT, [CPU_PROVIDER], "cpu", 0)
+    runner = BoundRunner(session, ("input", "audio"), "output", (3, 320, 320), "cpu", graph_sizes=(2, 4), prep=prep)
+    for frames in (3, 1, 6):
+        crops, expected = held_crops(frames, frames)
+        audio = inputs(frames, frames)[1]
+        np.testing.assert_allclose(runner.run(crops, audio), bare(session, expected, audio), atol=1e-6)
+    assert sorted(runner._graphs) == [2, 4] and runner.allocations == 6  # fixed buffers, filled in place
+
+
+def test_a_model_with_device_inputs_serves_crops_and_whole_inputs_alike(models_dir: Path) -> None:
+    path = models_dir / "demo" / "model.onnx"
+    cpu = Device("cpu", -1, "cpu", 0, 1)
+    model = LipSyncModel("demo", path, cpu, OnnxConfig(io_binding="on", device_inputs="on"))
+    plain = LipSyncModel("demo", path, cpu, OnnxConfig())
+    assert model.prep is not None and plain.prep is None
+    crops, expected = held_crops(2)
+    audio = inputs(2)[1]
+    np.testing.assert_array_equal(model.run(crops, audio), plain.run(expected, audio))
+    np.testing.assert_array_equal(model.run(expected, audio), plain.run(expected, audio))
