@@ -13,12 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lipsync_protocol.geometry import Geometry
+from lipsync_protocol.inputs import avatar_scope, input_key
 from service_common.config_source import valid_model_id
 from service_common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from service_common.metrics import NullEvents
 from service_common.usage import Usage, UsageClock, lfu_order
 
-from .cache import BackgroundCache
+from .cache import BackgroundCache, CachedFrame
 from .config import AvatarConfig, CompositingConfig
 from .frames import AvatarError, FrameSource, check_rects, load_rects, open_source
 
@@ -53,6 +55,8 @@ class Avatar:
             self.num_frames = source.count
         self.rects = rects[: self.num_frames]
         check_rects(self.rects, source.shape, spec.crop_rects_path)
+        # Names this avatar's model inputs on the inference hop: anything that changes them changes the scope.
+        self.scope = avatar_scope(spec.model_id, source.identity, self.rects.tobytes(), spec.geometry)
 
     @property
     def model_id(self) -> str:
@@ -66,11 +70,19 @@ class Avatar:
         x1, y1, x2, y2 = (int(v) for v in self.rects[index])
         return x1, y1, x2, y2
 
+    @property
+    def geometry(self) -> Geometry:
+        return self.spec.geometry
+
     def read_frame(self, index: int) -> np.ndarray:
         frame = self.source.read(index)
         if frame.shape[:2] != self.frame_shape or frame.ndim != 3 or frame.shape[2] != 3:
             raise AvatarError(f"background frame {index} of {self.model_id} has shape {list(frame.shape)}")
         return frame
+
+    def load_frame(self, index: int) -> CachedFrame:
+        """Frame ``index`` with its face crop and model input, as the cache keeps them (blocking)."""
+        return CachedFrame.build(self.read_frame(index), self.rect(index), self.geometry, input_key(self.scope, index))
 
 
 @dataclass
@@ -130,7 +142,7 @@ class AvatarRegistry:
                 avatar = open_avatar(spec, self.config)
                 if spec.preload_backgrounds:
                     for index in range(avatar.num_frames)[: self.config.background_cache_frames]:
-                        self.cache.get(model_id, index, avatar.read_frame)
+                        self.cache.get(model_id, index, avatar.load_frame)
             except BaseException:
                 self.events.model_load_failed(model_id)
                 raise

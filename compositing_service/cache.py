@@ -5,6 +5,10 @@ per-avatar recency list enforces ``capacity.background_cache_frames``. A miss
 is loaded once however many requests want the frame at the same time: the
 first loads it, the others wait for its result.
 
+A cached frame carries what is deterministic about it: its face crop (the paste-back's border, and the source
+of its model input, which the inference hop sends once and then names by key), made when the frame is loaded
+and counted in the byte bound with it (12% more at 720p).
+
 Beside each frame it keeps the frame's restart-marker JPEG encodes that spliced
 encoding reuses (compositing_service/jpeg_splice.py), one per quality and
 subsampling in use; they leave with the frame. They are about 1-7% of the raw
@@ -22,9 +26,33 @@ from dataclasses import dataclass
 import cachetools
 import numpy as np
 
+from lipsync_protocol.geometry import DEFAULT, Geometry
+
+from .geometry import Rect, crop_face
 from .jpeg_splice import SplicedBackground, SpliceSettings
 
 Key = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class CachedFrame:
+    """A background frame and what is derived from it alone, all read-only (shared by every request)."""
+
+    frame: np.ndarray  # BGR [H, W, 3]
+    crop: np.ndarray  # the face rectangle at the family's crop size, [S, S, 3]
+    key: str  # names the model input made from ``crop`` on the inference hop (lipsync_protocol.inputs)
+
+    def __post_init__(self) -> None:
+        for array in (self.frame, self.crop):
+            array.flags.writeable = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.frame.nbytes + self.crop.nbytes
+
+    @classmethod
+    def build(cls, frame: np.ndarray, rect: Rect, geometry: Geometry = DEFAULT, key: str = "") -> CachedFrame:
+        return cls(frame, crop_face(frame, rect, geometry), key)
 
 
 @dataclass
@@ -41,11 +69,11 @@ class CacheStats:
 class _BytesLRU(cachetools.LRUCache):
     """An LRUCache that tells its owner what it evicts to make room."""
 
-    def __init__(self, maxsize: int, on_evict: Callable[[Key, np.ndarray], None]) -> None:
+    def __init__(self, maxsize: int, on_evict: Callable[[Key, CachedFrame], None]) -> None:
         super().__init__(maxsize=maxsize, getsizeof=lambda frame: frame.nbytes)
         self._on_evict = on_evict
 
-    def popitem(self) -> tuple[Key, np.ndarray]:
+    def popitem(self) -> tuple[Key, CachedFrame]:
         key, value = super().popitem()
         self._on_evict(key, value)
         return key, value
@@ -62,7 +90,7 @@ class BackgroundCache:
         self._stats: dict[str, CacheStats] = {}
         self._encoded: dict[Key, dict[SpliceSettings, SplicedBackground]] = {}
 
-    def _evicted(self, key: Key, frame: np.ndarray) -> None:
+    def _evicted(self, key: Key, frame: CachedFrame) -> None:
         model_id, index = key
         self._recency[model_id].pop(index, None)
         stats = self._stats[model_id]
@@ -81,10 +109,20 @@ class BackgroundCache:
         with self._lock:
             return int(self._frames.currsize)
 
-    def get(self, model_id: str, index: int, load: Callable[[int], np.ndarray]) -> np.ndarray:
+    def get(self, model_id: str, index: int, load: Callable[[int], CachedFrame]) -> CachedFrame:
         return self.fetch(model_id, index, load)[0]
 
-    def fetch(self, model_id: str, index: int, load: Callable[[int], np.ndarray]) -> tuple[np.ndarray, bool]:
+    def peek(self, model_id: str, index: int) -> CachedFrame | None:
+        """The cached frame, counted as a hit, or None (not counted: the caller fetches it next)."""
+        key = (model_id, index)
+        with self._lock:
+            frame = self._frames.get(key)
+            if frame is not None:
+                self._stats.setdefault(model_id, CacheStats()).hits += 1
+                self._recency[model_id].move_to_end(index)
+            return frame
+
+    def fetch(self, model_id: str, index: int, load: Callable[[int], CachedFrame]) -> tuple[CachedFrame, bool]:
         """Frame ``index`` of ``model_id`` and whether it was a hit; ``load(index)`` runs once per miss (blocking)."""
         key = (model_id, index)
         with self._lock:
@@ -103,7 +141,6 @@ class BackgroundCache:
             return pending.result(), False
         try:
             frame = load(index)
-            frame.flags.writeable = False  # shared by every request: nobody may draw on it
         except BaseException as exc:
             with self._lock:
                 del self._loading[key]
@@ -115,7 +152,7 @@ class BackgroundCache:
         pending.set_result(frame)
         return frame, False
 
-    def _insert(self, model_id: str, index: int, frame: np.ndarray) -> None:
+    def _insert(self, model_id: str, index: int, frame: CachedFrame) -> None:
         stats = self._stats.setdefault(model_id, CacheStats())
         recency = self._recency.setdefault(model_id, OrderedDict())
         if frame.nbytes > self.max_bytes:
@@ -129,7 +166,7 @@ class BackgroundCache:
         stats.frames += 1
         stats.bytes += frame.nbytes
 
-    def encoded(self, model_id: str, index: int, frame: np.ndarray, settings: SpliceSettings) -> SplicedBackground:
+    def encoded(self, model_id: str, index: int, frame: CachedFrame, settings: SpliceSettings) -> SplicedBackground:
         """The restart-marker encode of cached frame ``index`` with ``settings``, built on first use (blocking).
 
         Kept only while the frame itself is cached; a frame that is not (larger than the cache) is encoded
@@ -140,7 +177,7 @@ class BackgroundCache:
             found = self._encoded.get(key, {}).get(settings)
         if found is not None:
             return found
-        built = SplicedBackground.from_frame(frame, settings)
+        built = SplicedBackground.from_frame(frame.frame, settings)
         with self._lock:
             if self._frames.get(key) is not frame:
                 return built  # evicted (or replaced) meanwhile: do not keep an encode without its frame

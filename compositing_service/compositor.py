@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from .geometry import Rect, crop_328, draw_mouth, encode_image, model_input, paste_back
+from lipsync_protocol.geometry import Geometry
+
+from .cache import CachedFrame
+from .geometry import Rect, draw_mouth, encode_image
 from .jpeg_splice import SplicedBackground, encode_composite
 
 # The background's cached restart-marker encode at a JPEG quality (the avatar fixes sampling and tile width).
@@ -35,13 +38,16 @@ EncodedFor = Callable[[int], SplicedBackground]
 
 @dataclass
 class Prepared:
-    frame: np.ndarray  # the cached background (read-only)
+    cached: CachedFrame  # the background, its face crop and model input (read-only)
     rect: Rect
-    crop328: np.ndarray
-    visual: np.ndarray | None  # uint8 [6, 320, 320] when built here
+    geometry: Geometry
     cache_hit: bool
     # The background's restart-marker encode at a quality (cached with the frame); None: no splicing.
     encoded: EncodedFor | None = None
+
+    @property
+    def frame(self) -> np.ndarray:
+        return self.cached.frame
 
 
 @dataclass
@@ -71,6 +77,7 @@ class Compositor:
         self.subsampling = subsampling
         self.counts = EncodeCounts()
         self._counts_lock = threading.Lock()
+        self._scratch = threading.local()  # per pool thread: the crop being assembled, reused frame after frame
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="composite")
 
     async def _map(self, fn: Callable, items: Sequence) -> list:
@@ -79,10 +86,11 @@ class Compositor:
 
     async def prepare(
         self,
-        jobs: Sequence[tuple[Callable[[], tuple[np.ndarray, bool]], Rect, Callable[[np.ndarray], EncodedFor] | None]],
-        build_visual: bool,
+        jobs: Sequence[tuple[Callable[[], tuple[CachedFrame, bool]], Rect, Callable[[CachedFrame], EncodedFor] | None]],
+        geometry: Geometry,
     ) -> list[Prepared]:
-        """Fetch each background (cache or disk) and build its 328 crop and, if asked, the model input.
+        """Fetch each background with its crop and model input (cache, or disk and built once), on the pool: a
+        miss reads and decodes a file.
 
         A job is (fetch, rect, encoder): ``encoder(frame)`` gives the frame's cached restart-marker encodes for
         splicing (None: this frame is encoded whole).
@@ -90,10 +98,8 @@ class Compositor:
 
         def one(job: tuple) -> Prepared:
             fetch, rect, encoder = job
-            frame, hit = fetch()
-            crop = crop_328(frame, rect)
-            visual = model_input(crop) if build_visual else None
-            return Prepared(frame, rect, crop, visual, hit, encoder(frame) if encoder is not None else None)
+            cached, hit = fetch()
+            return Prepared(cached, rect, geometry, hit, encoder(cached) if encoder is not None else None)
 
         return await self._map(one, jobs)
 
@@ -112,16 +118,18 @@ class Compositor:
 
         def one(i: int) -> tuple[bytes, float, str | None]:
             item = prepared[i]
+            scratch = self._scratch_for(item.cached.crop)
+
+            def draw(dst: np.ndarray) -> None:  # straight into the box: no patch array, no full frame
+                draw_mouth(dst, item.cached.crop, mouths[i], item.geometry, scratch)
+
             if quality_for_splice is not None and item.encoded is not None:
                 started = time.perf_counter()
-
-                def draw(dst: np.ndarray) -> None:  # straight into the box: no patch array, no full frame
-                    draw_mouth(dst, item.crop328, mouths[i], reuse_crop=True)
-
                 data, reason = encode_composite(item.encoded(quality_for_splice), item.frame, item.rect, draw)
                 return data, (time.perf_counter() - started) * 1000.0, reason.value if reason else None
             frame = item.frame.copy()
-            paste_back(frame, item.rect, item.crop328, mouths[i])
+            x1, y1, x2, y2 = item.rect
+            draw(frame[y1:y2, x1:x2])
             started = time.perf_counter()
             data = encode_image(frame, fmt, quality, self.subsampling)
             return data, (time.perf_counter() - started) * 1000.0, "disabled"
@@ -134,6 +142,12 @@ class Compositor:
                 self.counts.full += len(results) - spliced
                 self.counts.fallbacks.update(r[2] for r in results if r[2] is not None)
         return [r[0] for r in results], sum(r[1] for r in results), spliced
+
+    def _scratch_for(self, crop: np.ndarray) -> np.ndarray:
+        found = getattr(self._scratch, "buffer", None)
+        if found is None or found.shape != crop.shape:
+            found = self._scratch.buffer = np.empty_like(crop)
+        return found
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

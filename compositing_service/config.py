@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lipsync_protocol.geometry import DEFAULT as DEFAULT_GEOMETRY
+from lipsync_protocol.geometry import Geometry
 from service_common.config_source import (
     ConfigError,
     Section,
+    parse_geometry,
     parse_listen_address,
     parse_log_level,
     read_config,
@@ -47,6 +50,7 @@ class AvatarConfig:
     crop_rects_path: Path
     num_frames: int = 0  # 0 = as many as there are
     preload_backgrounds: bool = False
+    geometry: Geometry = DEFAULT_GEOMETRY  # how frames become the model's input and back
 
 
 @dataclass(frozen=True)
@@ -259,6 +263,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Compositi
             crop_rects_path=resolve_under(models_root, rects, avatar.key("crop_rects_path")),
             num_frames=avatar.int("num_frames", 0, minimum=0),
             preload_backgrounds=avatar.bool("preload_backgrounds", False),
+            geometry=parse_geometry(avatar) if avatar.has("geometry") else DEFAULT_GEOMETRY,
         )
 
     session = root.section("session")

@@ -13,22 +13,32 @@ import numpy as np
 
 from inference_service.audio import RawAudio
 from inference_service.tensors import audio_windows, batch_of
-from service_common.errors import InvalidArgument
+from lipsync_protocol.geometry import DEFAULT as DEFAULT_GEOMETRY
+from service_common.errors import FailedPrecondition, InvalidArgument
 from service_common.metrics import ServiceMetrics
 
 from . import __version__
 from .avatars import Avatar, AvatarEntry, AvatarRegistry
-from .cache import BackgroundCache
-from .compositor import Compositor
+from .cache import BackgroundCache, CachedFrame
+from .compositor import Compositor, Prepared
 from .config import CompositingConfig
 from .geometry import encode_image, frame_index
-from .inference_client import InferenceBackend, make_backend
+from .inference_client import InferenceBackend, ModelInputs, make_backend
 from .jpeg_splice import SplicedBackground, SpliceSettings, fit_tile_width
 
 log = logging.getLogger(__name__)
 
-VISUAL_SHAPE = (6, 320, 320)
 AUDIO_SHAPE = (32, 16, 16)
+
+
+def check_mouths(mouths: np.ndarray, avatar: Avatar, batch_size: int) -> None:
+    """The model's outputs fit the avatar's geometry (a 160 model behind a 328 avatar is a config mistake)."""
+    expected = (batch_size, 3, avatar.geometry.input_size, avatar.geometry.input_size)
+    if mouths.shape != expected:
+        raise FailedPrecondition(
+            f"models.{avatar.model_id}.geometry: the model returned {list(mouths.shape[1:])} mouths but the avatar's "
+            f"geometry {avatar.geometry.name} pastes {list(expected[1:])}; set geometry to the model's family"
+        )
 
 
 @dataclass
@@ -119,47 +129,29 @@ class CompositingCore:
         output_format: str | None = None,
         jpeg_quality: int | None = None,
     ) -> CompositeResult:
+        """One batch: the avatar's frames from ``start_frame_idx``, their mouths from the inference backend for
+        this audio (``visual_frames``: a client's own model inputs, the old way), composited and encoded."""
         started = time.perf_counter()
-        if start_frame_idx < 0:
-            raise InvalidArgument(f"start_frame_idx: expected >= 0, got {start_frame_idx}")
-        if visual_frames is not None and visual_frames.size and batch_size == 0:
-            batch_size = visual_frames.size // int(np.prod(VISUAL_SHAPE))
-        if not 1 <= batch_size <= self.config.max_batch_size:
-            raise InvalidArgument(
-                f"batch_size: expected 1..{self.config.max_batch_size} (server.max_batch_size), got {batch_size}"
-            )
-        audio: np.ndarray | RawAudio
-        if audio_features is not None and audio_features.size:
-            audio = audio_windows(audio_features.reshape(-1), AUDIO_SHAPE, batch_size, audio_shape)
-            audio = audio if audio.strides[0] else audio[:1].reshape(AUDIO_SHAPE)  # one window stays one on the wire
-        elif raw_audio is not None:
-            raw_audio.check(batch_size)  # fail before touching the cache or the inference service
-            audio = raw_audio
-        else:
-            raise InvalidArgument("audio_features: required (float32 [32,16,16] or [B,32,16,16]), or raw_audio")
-        client_visual = None
-        if visual_frames is not None and visual_frames.size:
-            client_visual = batch_of(visual_frames.reshape(-1), VISUAL_SHAPE, batch_size, "visual_frames")
-
+        batch_size = self._batch_size(batch_size, start_frame_idx, visual_frames)
+        audio = self._audio(audio_features, audio_shape, raw_audio, batch_size)
         entry, load_ms = await self._checkout(model_id)
         frames = 0
         inference_ms = 0.0
         try:
             avatar = entry.avatar
+            client_visual = self._client_visual(visual_frames, avatar, batch_size)
             indices = [
                 frame_index(start_frame_idx + i, avatar.num_frames, self.config.frame_order) for i in range(batch_size)
             ]
-            jobs = [
-                (self._fetcher(model_id, avatar, idx), avatar.rect(idx), self._encoder(model_id, avatar, idx))
-                for idx in indices
-            ]
-            prepared = await self.compositor.prepare(jobs, build_visual=client_visual is None)
-            hits = sum(p.cache_hit for p in prepared)
-            visual = client_visual if client_visual is not None else np.stack([p.visual for p in prepared])
+            prepared = await self._prepare(model_id, avatar, indices)
             prepare_ms = (time.perf_counter() - started) * 1000.0
+            inputs = ModelInputs(
+                [p.cached.key for p in prepared], [p.cached.crop for p in prepared], avatar.geometry, client_visual
+            )
             call_started = time.perf_counter()
-            mouths = await self.backend.infer(avatar.spec.inference_model, visual, audio, deadline)
+            mouths = await self.backend.infer(avatar.spec.inference_model, inputs, audio, deadline)
             call_ms = (time.perf_counter() - call_started) * 1000.0
+            check_mouths(mouths.mouths, avatar, batch_size)
             inference_ms = mouths.inference_ms
             composite_started = time.perf_counter()
             jpegs, encode_ms, spliced = await self.compositor.composite(
@@ -174,35 +166,8 @@ class CompositingCore:
         finally:
             self.avatars.release(entry, frames, inference_ms)
         total_ms = (time.perf_counter() - started) * 1000.0
-        if self.metrics is not None:
-            self.metrics.batch_done(
-                model_id,
-                batch_size,
-                {
-                    "prepare": prepare_ms,
-                    "inference_call": call_ms,
-                    "queue": mouths.queue_ms,
-                    "audio": mouths.audio_ms,
-                    "inference": inference_ms,
-                    "compositing": composite_ms,  # wall: paste-back and encode of the batch, frames in parallel
-                    "encode": encode_ms,  # JPEG encoding summed over the frames
-                    "total": total_ms,
-                },
-            )
-        if self.config.log_inference_times or self.config.log_compositing_times:
-            log.info(
-                "%s: %d frames from %d: prepare %.1f ms, inference %.1f ms (call %.1f), composite %.1f ms, "
-                "total %.1f ms",
-                model_id,
-                batch_size,
-                start_frame_idx,
-                prepare_ms,
-                inference_ms,
-                call_ms,
-                composite_ms,
-                total_ms,
-            )
-        return CompositeResult(
+        hits = sum(p.cache_hit for p in prepared)
+        result = CompositeResult(
             frames=jpegs,
             frame_indices=indices,
             inference_ms=inference_ms,
@@ -222,6 +187,90 @@ class CompositingCore:
             utterance_frames=mouths.utterance_frames,
             spliced_frames=spliced,
         )
+        self._report(model_id, batch_size, start_frame_idx, result)
+        return result
+
+    def _batch_size(self, batch_size: int, start_frame_idx: int, visual_frames: np.ndarray | None) -> int:
+        if start_frame_idx < 0:
+            raise InvalidArgument(f"start_frame_idx: expected >= 0, got {start_frame_idx}")
+        if visual_frames is not None and visual_frames.size and batch_size == 0:
+            batch_size = visual_frames.size // int(np.prod(DEFAULT_GEOMETRY.visual_shape))
+        if not 1 <= batch_size <= self.config.max_batch_size:
+            raise InvalidArgument(
+                f"batch_size: expected 1..{self.config.max_batch_size} (server.max_batch_size), got {batch_size}"
+            )
+        return batch_size
+
+    @staticmethod
+    def _audio(
+        features: np.ndarray | None, shape: tuple[int, ...] | list[int], raw: RawAudio | None, batch_size: int
+    ) -> np.ndarray | RawAudio:
+        if features is not None and features.size:
+            audio = audio_windows(features.reshape(-1), AUDIO_SHAPE, batch_size, shape)
+            return audio if audio.strides[0] else audio[:1].reshape(AUDIO_SHAPE)  # one window stays one on the wire
+        if raw is not None:
+            raw.check(batch_size)  # fail before touching the cache or the inference service
+            return raw
+        raise InvalidArgument("audio_features: required (float32 [32,16,16] or [B,32,16,16]), or raw_audio")
+
+    @staticmethod
+    def _client_visual(visual_frames: np.ndarray | None, avatar: Avatar, batch_size: int) -> np.ndarray | None:
+        if visual_frames is None or not visual_frames.size:
+            return None
+        return batch_of(visual_frames.reshape(-1), avatar.geometry.visual_shape, batch_size, "visual_frames")
+
+    async def _prepare(self, model_id: str, avatar: Avatar, indices: list[int]) -> list[Prepared]:
+        """Each frame's cached background, crop and model input; misses are loaded on the compositor's pool
+        (hits are dictionary lookups: no thread for them)."""
+        prepared: list[Prepared | None] = []
+        for index in indices:
+            cached = self.cache.peek(model_id, index)
+            if cached is None:
+                prepared.append(None)
+                continue
+            encoder = self._encoder(avatar, index)
+            encoded = encoder(cached) if encoder is not None else None
+            prepared.append(Prepared(cached, avatar.rect(index), avatar.geometry, True, encoded))
+        misses = [k for k, p in enumerate(prepared) if p is None]
+        if misses:
+            jobs = [
+                (self._fetcher(model_id, avatar, i), avatar.rect(i), self._encoder(avatar, i))
+                for i in (indices[k] for k in misses)
+            ]
+            loaded = await self.compositor.prepare(jobs, avatar.geometry)
+            for k, item in zip(misses, loaded, strict=True):
+                prepared[k] = item
+        return prepared  # type: ignore[return-value]
+
+    def _report(self, model_id: str, batch_size: int, start_frame_idx: int, result: CompositeResult) -> None:
+        if self.metrics is not None:
+            self.metrics.batch_done(
+                model_id,
+                batch_size,
+                {
+                    "prepare": result.prepare_ms,
+                    "inference_call": result.inference_call_ms,
+                    "queue": result.queue_ms,
+                    "audio": result.audio_ms,
+                    "inference": result.inference_ms,
+                    "compositing": result.composite_ms,  # wall: paste-back and encode of the batch, in parallel
+                    "encode": result.encode_ms,  # JPEG encoding summed over the frames
+                    "total": result.total_ms,
+                },
+            )
+        if self.config.log_inference_times or self.config.log_compositing_times:
+            log.info(
+                "%s: %d frames from %d: prepare %.1f ms, inference %.1f ms (call %.1f), composite %.1f ms, "
+                "total %.1f ms",
+                model_id,
+                batch_size,
+                start_frame_idx,
+                result.prepare_ms,
+                result.inference_ms,
+                result.inference_call_ms,
+                result.composite_ms,
+                result.total_ms,
+            )
 
     def splice_settings(self, avatar: Avatar, quality: int) -> SpliceSettings:
         """The avatar's splice settings: its tile width is fitted to where its mouths sit, once per avatar."""
@@ -233,25 +282,31 @@ class CompositingCore:
             self._tile_widths[avatar] = width
         return SpliceSettings(quality, self.config.jpeg_subsampling, width)
 
-    def _encoder(self, model_id: str, avatar: Avatar, index: int) -> Callable[[np.ndarray], Callable] | None:
+    def _encoder(self, avatar: Avatar, index: int) -> Callable[[CachedFrame], Callable] | None:
         if not self.config.jpeg_splicing:
             return None
 
-        def for_frame(frame: np.ndarray) -> Callable[[int], SplicedBackground]:
-            return lambda quality: self.cache.encoded(model_id, index, frame, self.splice_settings(avatar, quality))
+        def for_frame(frame: CachedFrame) -> Callable[[int], SplicedBackground]:
+            return lambda quality: self.cache.encoded(
+                avatar.model_id, index, frame, self.splice_settings(avatar, quality)
+            )
 
         return for_frame
 
-    def background_image(self, avatar: Avatar, index: int, frame: np.ndarray, fmt: str, quality: int) -> bytes:
+    def background_image(self, avatar: Avatar, index: int, frame: CachedFrame, fmt: str, quality: int) -> bytes:
         """A background frame as it would be sent with no mouth on it (idle frames of a session): with splicing,
         the cached restart-marker encode itself, which costs nothing once built (blocking)."""
         if fmt == "jpeg" and self.config.jpeg_splicing:
             settings = self.splice_settings(avatar, quality)
             return self.cache.encoded(avatar.model_id, index, frame, settings).jpeg
-        return encode_image(frame, fmt, quality, self.config.jpeg_subsampling)
+        return encode_image(frame.frame, fmt, quality, self.config.jpeg_subsampling)
 
-    def _fetcher(self, model_id: str, avatar: Avatar, index: int) -> Callable[[], tuple[np.ndarray, bool]]:
-        return lambda: self.cache.fetch(model_id, index, avatar.read_frame)
+    def background(self, avatar: Avatar, index: int) -> CachedFrame:
+        """Frame ``index`` of the avatar from the cache, loaded on a miss (blocking)."""
+        return self.cache.get(avatar.model_id, index, avatar.load_frame)
+
+    def _fetcher(self, model_id: str, avatar: Avatar, index: int) -> Callable[[], tuple[CachedFrame, bool]]:
+        return lambda: self.cache.fetch(model_id, index, avatar.load_frame)
 
     # -- management --------------------------------------------------------
 

@@ -39,6 +39,7 @@ class FrameSource:
 
     count: int
     shape: tuple[int, int]  # (height, width)
+    identity: str  # changes whenever the frames on disk change
 
     def read(self, index: int) -> np.ndarray:
         raise NotImplementedError
@@ -50,6 +51,8 @@ class ImageFolder(FrameSource):
         if not self.files:
             raise AvatarError(f"background_dir: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
         self.count = len(self.files)
+        stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in self.files]
+        self.identity = hashlib.sha256(f"{folder.resolve()}|{stats}".encode()).hexdigest()[:24]
         first = self._imread(0)
         self.shape = first.shape[:2]
 
@@ -79,6 +82,7 @@ class DecodedVideo(FrameSource):
         stat = video.stat()
         key = hashlib.sha256(f"{video.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
         self.folder = cache_root / key
+        self.identity = key
         with _decode_locks_guard:
             lock = _decode_locks.setdefault(key, threading.Lock())
         with lock:

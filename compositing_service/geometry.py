@@ -1,8 +1,10 @@
 """The reference pipeline's image geometry (PIPELINE.md), with OpenCV as the reference used it.
 
 Pillow's bicubic differs from OpenCV's INTER_CUBIC by up to 21 levels on these
-crops, and a trained model only lip-syncs well on exactly what it saw in
-training, so every resize here is cv2.resize with INTER_CUBIC.
+crops, and a trained model only lip-syncs well on exactly what its reference
+inference feeds it, so every resize here is cv2.resize with the interpolation
+its family's inference uses (lipsync_protocol.geometry: bicubic for 328 models,
+bilinear for 160 models).
 """
 
 from __future__ import annotations
@@ -10,51 +12,75 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from lipsync_protocol.geometry import DEFAULT, Geometry
+
 from .jpeg_splice import sampling_flag
 
-CROP_SIZE = 328
-INNER = slice(4, 324)  # the 320x320 model crop inside the 328 crop
-MASK_ROWS = slice(5, 310)  # cv2.rectangle(img, (5, 5, 310, 305), 0, -1): rows 5..309
-MASK_COLS = slice(5, 315)  # and columns 5..314
+# The 328 family's numbers, for the tests and benchmarks that name them.
+CROP_SIZE = DEFAULT.crop_size
+INNER = DEFAULT.inner_slice  # the 320x320 model crop inside the 328 crop
+MASK_ROWS = DEFAULT.mask_rows  # cv2.rectangle(img, (5, 5, 310, 305), 0, -1): rows 5..309
+MASK_COLS = DEFAULT.mask_cols  # and columns 5..314
+
+INTERPOLATION = {"cubic": cv2.INTER_CUBIC, "linear": cv2.INTER_LINEAR}
 
 Rect = tuple[int, int, int, int]
 
 
-def crop_328(frame: np.ndarray, rect: Rect) -> np.ndarray:
-    """The face crop resized to 328x328; kept for the paste-back, whose border it supplies."""
+def crop_face(frame: np.ndarray, rect: Rect, geometry: Geometry = DEFAULT) -> np.ndarray:
+    """The face rectangle resized to the family's crop (328 or 168); kept for the paste-back, whose border it
+    supplies. Deterministic per background frame, so the cache keeps it beside the frame."""
     x1, y1, x2, y2 = rect
-    return cv2.resize(frame[y1:y2, x1:x2], (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_CUBIC)
+    size = (geometry.crop_size, geometry.crop_size)
+    return cv2.resize(frame[y1:y2, x1:x2], size, interpolation=INTERPOLATION[geometry.crop_interpolation])
 
 
-def model_input(crop328: np.ndarray) -> np.ndarray:
-    """uint8 [6, 320, 320]: the real crop then its masked copy, BGR, CHW (the server divides by 255)."""
-    real = crop328[INNER, INNER]
-    out = np.empty((6, 320, 320), np.uint8)
-    out[:3] = real.transpose(2, 0, 1)
-    out[3:] = out[:3]
-    out[3:, MASK_ROWS, MASK_COLS] = 0
+def real_crop(crop: np.ndarray, geometry: Geometry = DEFAULT) -> np.ndarray:
+    """uint8 [3, S, S] C-contiguous: the model input's real half (BGR, CHW), what the inference hop carries."""
+    inner = geometry.inner_slice
+    return np.ascontiguousarray(crop[inner, inner].transpose(2, 0, 1))
+
+
+def model_input(crop: np.ndarray, geometry: Geometry = DEFAULT) -> np.ndarray:
+    """uint8 [6, S, S]: the real crop then its masked copy (the server divides by 255)."""
+    real = real_crop(crop, geometry)
+    out = np.concatenate([real, real])
+    out[3:, geometry.mask_rows, geometry.mask_cols] = 0
     return out
 
 
-def draw_mouth(dst: np.ndarray, crop328: np.ndarray, mouth: np.ndarray, *, reuse_crop: bool = False) -> np.ndarray:
+def draw_mouth(
+    dst: np.ndarray,
+    crop: np.ndarray,
+    mouth: np.ndarray,
+    geometry: Geometry = DEFAULT,
+    scratch: np.ndarray | None = None,
+) -> np.ndarray:
     """Draw into ``dst`` (the rectangle's view, [h, w, 3]) what the reference writes over ``frame[y1:y2, x1:x2]``
-    for a generated crop (uint8 [3, 320, 320], already truncated).
+    for a generated crop (uint8 [3, S, S], already truncated).
 
-    The 4-pixel border of the 328 crop keeps the original pixels; the whole 328 crop is resized back to the
-    rectangle, with no feathering. ``reuse_crop`` writes the mouth into ``crop328`` itself (a request's own crop,
-    used once) instead of a copy.
+    The border of the crop around the inner square keeps the original pixels; the whole crop is resized back to
+    the rectangle, with no feathering. ``crop`` is the cached one and is never written: the generated crop is
+    assembled in ``scratch`` (a buffer of the crop's shape the caller reuses), else in a copy.
     """
-    crop = crop328 if reuse_crop else crop328.copy()
+    work = np.empty_like(crop) if scratch is None else scratch
+    inner, lo, hi = geometry.inner_slice, geometry.inner, geometry.inner + geometry.input_size
+    work[:lo] = crop[:lo]  # the border strips only: the inner square is overwritten next
+    work[hi:] = crop[hi:]
+    work[lo:hi, :lo] = crop[lo:hi, :lo]
+    work[lo:hi, hi:] = crop[lo:hi, hi:]
     # cv2.merge interleaves the planes ~3x faster than assigning a transposed view (bench/README.md).
-    crop[INNER, INNER] = cv2.merge((mouth[0], mouth[1], mouth[2]))
+    work[inner, inner] = cv2.merge((mouth[0], mouth[1], mouth[2]))
     h, w = dst.shape[:2]
-    return cv2.resize(crop, (w, h), dst=dst, interpolation=cv2.INTER_CUBIC)
+    return cv2.resize(work, (w, h), dst=dst, interpolation=INTERPOLATION[geometry.paste_interpolation])
 
 
-def paste_back(frame: np.ndarray, rect: Rect, crop328: np.ndarray, mouth: np.ndarray) -> None:
+def paste_back(
+    frame: np.ndarray, rect: Rect, crop: np.ndarray, mouth: np.ndarray, geometry: Geometry = DEFAULT
+) -> None:
     """Write the generated crop over ``frame`` in place, as the reference does (see ``draw_mouth``)."""
     x1, y1, x2, y2 = rect
-    draw_mouth(frame[y1:y2, x1:x2], crop328, mouth)
+    draw_mouth(frame[y1:y2, x1:x2], crop, mouth, geometry)
 
 
 def encode_image(frame: np.ndarray, fmt: str, quality: int, subsampling: str = "420") -> bytes:

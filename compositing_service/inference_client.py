@@ -4,6 +4,11 @@ Both backends return the generated mouths as uint8 [B, 3, 320, 320] already
 truncated by the inference side (the reference's ``(x * 255).astype(uint8)``),
 so remote and in-process modes give identical frames.
 
+Model inputs go by reference (lipsync_protocol.inputs): each frame's real crop is sent
+with its key the first time a target needs it, and only the key afterwards. What each
+target holds is tracked here (``HeldKeys``); a target that answers ``missing_visual``
+(restarted, evicted, never sent to) gets those pixels again within the same call.
+
 The remote backend keeps one long-lived channel per target with keepalive,
 puts a deadline on every call (the smaller of ``timeout_seconds`` and what is
 left of the client's own deadline), and retries UNAVAILABLE (or a CANCELLED from the
@@ -15,27 +20,37 @@ balances by itself with the round_robin policy over every address it resolves.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 import numpy as np
 
 from inference_service.audio import RawAudio
+from lipsync_protocol.geometry import Geometry
+from lipsync_protocol.inputs import REAL_CHANNELS
 from service_common import errors, request_log, tls
 from shared_proto import inference_pb2 as pb
 from shared_proto import inference_pb2_grpc as pb_grpc
 
 from .config import CompositingConfig
+from .geometry import real_crop
+
+if TYPE_CHECKING:
+    from inference_service.core import InferResult, VisualBatch
 
 log = logging.getLogger(__name__)
 
 MOUTH_SHAPE = (3, 320, 320)
+HELD_KEYS = 1 << 18  # keys remembered per target (more than any input cache holds)
+REFERENCE_ROUNDS = 3  # calls with missing inputs before all pixels are sent
 # InferBatch is pure, so a call is safe to send again: after UNAVAILABLE (refused, unreachable) or a CANCELLED
 # that came from the other side (an inference server that stopped with the call in flight; our own
 # cancellation surfaces as asyncio.CancelledError instead).
@@ -66,12 +81,68 @@ class MouthBatch:
     utterance_frames: int = 0
 
 
+@dataclass
+class ModelInputs:
+    """A batch's image inputs for the hop: each frame's face crop, whose model input goes by its key (pixels
+    only for a target that lacks them), or a client's own whole inputs (old clients' visual_frames,
+    [B, 6, H, W]), which are sent as they are."""
+
+    keys: list[str]
+    crops: list[np.ndarray]
+    geometry: Geometry
+    full: np.ndarray | None = None
+
+    @property
+    def frames(self) -> int:
+        return len(self.full) if self.full is not None else len(self.keys)
+
+    def pixels(self, positions: list[int]) -> bytes:
+        """The real crops (uint8 [3, s, s] each) of the frames at ``positions``, made only when sent."""
+        return b"".join(real_crop(self.crops[i], self.geometry).data for i in positions)
+
+
+@dataclass
+class HopStats:
+    """What crossed the hop to inference: calls, frames, bytes each way, model inputs sent as pixels (first
+    time a target needed them) and sent again (a target reported them missing)."""
+
+    requests: int = 0
+    frames: int = 0
+    request_bytes: int = 0
+    response_bytes: int = 0
+    inputs_sent: int = 0
+    inputs_resent: int = 0
+
+
+class HeldKeys:
+    """The keys one target is believed to hold: sent to it and not reported missing since (bounded LRU)."""
+
+    def __init__(self, limit: int = HELD_KEYS) -> None:
+        self.limit = limit
+        self._keys: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+
+    def unsent(self, model_id: str, keys: list[str]) -> list[int]:
+        return [i for i, key in enumerate(keys) if (model_id, key) not in self._keys]
+
+    def add(self, model_id: str, keys: list[str]) -> None:
+        for key in keys:
+            self._keys[(model_id, key)] = None
+            self._keys.move_to_end((model_id, key))
+        while len(self._keys) > self.limit:
+            self._keys.popitem(last=False)
+
+    def forget(self, model_id: str, keys: list[str]) -> None:
+        for key in keys:
+            self._keys.pop((model_id, key), None)
+
+
 class InferenceBackend(Protocol):
     description: str
+    hop: HopStats
 
     async def start(self) -> None: ...
     async def infer(
-        self, model_id: str, visual: np.ndarray, audio: np.ndarray | RawAudio, deadline: float | None
+        self, model_id: str, inputs: ModelInputs, audio: np.ndarray | RawAudio, deadline: float | None
     ) -> MouthBatch: ...
     async def reachable(self) -> int: ...
     async def load_model(self, model_id: str, force_reload: bool) -> None: ...
@@ -112,6 +183,8 @@ class RemoteInference:
         self._stubs: list[pb_grpc.InferenceServiceStub] = []
         self._next = itertools.count()
         self._down_until: list[float] = []  # per target: monotonic time until which it is passed over
+        self._held: list[HeldKeys] = []  # per target: the model inputs it holds
+        self.hop = HopStats()
 
     async def start(self) -> None:
         for target in self.targets:
@@ -122,6 +195,7 @@ class RemoteInference:
             self._channels.append(channel)
             self._stubs.append(pb_grpc.InferenceServiceStub(channel))
             self._down_until.append(0.0)
+            self._held.append(HeldKeys())
 
     def _pick(self, tried: set[int]) -> int:
         """Round robin over the targets this call has not tried, preferring ones not seen down lately."""
@@ -155,7 +229,11 @@ class RemoteInference:
         return timeout
 
     async def _call(self, method: str, request: object, deadline: float | None) -> object:
-        """One RPC with per-attempt deadlines and retries (RETRYABLE) on the next target."""
+        return (await self._call_on(method, lambda _: request, deadline))[0]
+
+    async def _call_on(self, method: str, build: Callable[[int], object], deadline: float | None) -> tuple[object, int]:
+        """One RPC with per-attempt deadlines and retries (RETRYABLE) on the next target; the request is built
+        for the target it goes to (``build(index)``), and the answer comes with that target's index."""
         attempts = self.config.inference_max_retries + 1
         last: grpc.aio.AioRpcError | None = None  # the last retryable failure
         attempt = 0
@@ -171,7 +249,8 @@ class RemoteInference:
                     break  # out of time while inference was unreachable: say why
                 raise
             try:
-                return await getattr(self._stubs[index], method)(request, timeout=timeout, metadata=self._metadata())
+                stub = getattr(self._stubs[index], method)
+                return await stub(build(index), timeout=timeout, metadata=self._metadata()), index
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     if deadline is not None and last is not None and deadline - time.monotonic() <= 0.01:
@@ -205,45 +284,61 @@ class RemoteInference:
         )
 
     async def infer(
-        self, model_id: str, visual: np.ndarray, audio: np.ndarray | RawAudio, deadline: float | None
+        self, model_id: str, inputs: ModelInputs, audio: np.ndarray | RawAudio, deadline: float | None
     ) -> MouthBatch:
-        batch = visual.shape[0]
-        request = pb.InferBatchRequest(
-            model_id=model_id,
-            visual_frames=visual.tobytes(),
-            visual_dtype=pb.DTYPE_UINT8 if visual.dtype == np.uint8 else pb.DTYPE_FLOAT32,
-            batch_size=batch,
-            output_dtype=pb.DTYPE_UINT8,
-        )
-        if isinstance(audio, RawAudio):
-            request.raw_audio = audio.data
-            request.audio_encoding = pb.AUDIO_FLOAT32 if audio.encoding == "f32le" else pb.AUDIO_PCM_S16LE
-            request.sample_rate = audio.sample_rate
-            request.audio_offset_samples = audio.offset
-            request.utterance_samples = audio.utterance_samples
-            request.first_frame = audio.first_frame
+        batch = inputs.frames
+        request = pb.InferBatchRequest(model_id=model_id, batch_size=batch, output_dtype=pb.DTYPE_UINT8)
+        set_audio(request, audio)
+        if inputs.full is not None:
+            request.visual_frames = inputs.full.tobytes()
+            request.visual_dtype = pb.DTYPE_UINT8 if inputs.full.dtype == np.uint8 else pb.DTYPE_FLOAT32
+            response = await self._call("InferBatch", request, deadline)
+            self._count(request, response)
         else:
-            request.audio_features = audio.tobytes()
-            request.audio_features_shape.extend(audio.shape)
-        response = await self._call("InferBatch", request, deadline)
-        if len(response.outputs) != batch:
-            raise errors.Internal(f"inference service returned {len(response.outputs)} outputs for {batch} frames")
-        mouths = np.empty((batch, *MOUTH_SHAPE), np.uint8)
-        for i, region in enumerate(response.outputs):
-            if tuple(region.shape) != MOUTH_SHAPE or region.dtype != pb.DTYPE_UINT8:
-                raise errors.Internal(
-                    f"inference service returned a {list(region.shape)} output, expected uint8 {list(MOUTH_SHAPE)}"
-                )
-            mouths[i] = np.frombuffer(region.data, np.uint8).reshape(MOUTH_SHAPE)
-        return MouthBatch(
-            mouths,
-            response.inference_time_ms,
-            response.audio_processing_ms,
-            response.queue_time_ms,
-            response.gpu_id,
-            response.device,
-            response.utterance_frames,
-        )
+            response = await self._by_reference(request, inputs, deadline)
+        self.hop.frames += batch
+        return mouths_of(response, batch)
+
+    def _count(self, request: pb.InferBatchRequest, response: pb.InferBatchResponse) -> None:
+        self.hop.requests += 1
+        self.hop.request_bytes += request.ByteSize()
+        self.hop.response_bytes += response.ByteSize()
+
+    async def _by_reference(
+        self, request: pb.InferBatchRequest, inputs: ModelInputs, deadline: float | None
+    ) -> pb.InferBatchResponse:
+        """Keys for every frame, pixels for those the chosen target does not hold; a target that says some are
+        missing gets them at once (all of them on the last round, which cannot miss)."""
+        model_id, keys = request.model_id, inputs.keys
+        request.visual_keys.extend(keys)
+        request.visual_channels = REAL_CHANNELS
+        request.visual_dtype = pb.DTYPE_UINT8
+        built: list[pb.InferBatchRequest] = []
+        for round_ in range(REFERENCE_ROUNDS):
+            last = round_ == REFERENCE_ROUNDS - 1
+
+            def build(index: int, last: bool = last) -> pb.InferBatchRequest:
+                sent = list(range(len(keys))) if last else self._held[index].unsent(model_id, keys)
+                one = pb.InferBatchRequest()
+                one.CopyFrom(request)
+                one.visual_sent.extend(sent)
+                one.visual_frames = inputs.pixels(sent)
+                built.append(one)
+                return one
+
+            response, index = await self._call_on("InferBatch", build, deadline)
+            self._count(built[-1], response)
+            if round_:
+                self.hop.inputs_resent += len(built[-1].visual_sent)
+            else:
+                self.hop.inputs_sent += len(built[-1].visual_sent)
+            if not response.missing_visual:
+                self._held[index].add(model_id, keys)
+                return response
+            missing = [keys[i] for i in response.missing_visual if 0 <= i < len(keys)]
+            log.info("inference %s holds %d of %d inputs less than thought; resending", index, len(missing), len(keys))
+            self._held[index].forget(model_id, missing)
+        raise errors.Internal("inference service: inputs still missing after sending every frame's pixels")
 
     async def reachable(self) -> int:
         """How many targets answer Health (healthy) within a second, asked at once over their own channels."""
@@ -297,45 +392,29 @@ class InProcessInference:
         overrides = ["onnx.allow_spinning=false", *config.inference_overrides]
         self.core = InferenceCore(load_inference_config(config.inference_config, overrides, environ={}, serving=False))
         self.description = f"in-process ({config.inference_config.name})"
+        self.hop = HopStats()  # no bytes cross in process; calls, frames and inputs are counted
 
     async def start(self) -> None:
         await self.core.start()
 
     async def infer(
-        self, model_id: str, visual: np.ndarray, audio: np.ndarray | RawAudio, deadline: float | None
+        self, model_id: str, inputs: ModelInputs, audio: np.ndarray | RawAudio, deadline: float | None
     ) -> MouthBatch:
-        if isinstance(audio, RawAudio):
-            coro = self.core.infer(
-                model_id,
-                visual,
-                None,
-                batch_size=visual.shape[0],
-                raw_audio=audio,
-                output_dtype=np.uint8,
-                deadline=deadline,
-                client=request_log.client_name(),
-            )
-        else:
-            coro = self.core.infer(
-                model_id,
-                visual,
-                audio,
-                batch_size=visual.shape[0],
-                audio_shape=audio.shape,
-                output_dtype=np.uint8,
-                deadline=deadline,
-                client=request_log.client_name(),
-            )
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise errors.DeadlineExceeded("deadline exceeded before inference")
-            try:
-                result = await asyncio.wait_for(coro, left)
-            except TimeoutError:
-                raise errors.DeadlineExceeded("inference did not finish within the deadline") from None
-        else:
-            result = await coro
+        from inference_service.core import InputsMissing, VisualBatch  # the engine is imported in this mode only
+
+        if inputs.full is not None:
+            visual = VisualBatch(inputs.full)
+        else:  # by reference, as over the hop: the engine's input cache (on its device) is the same class
+            visual = VisualBatch(np.empty(0, np.uint8), REAL_CHANNELS, inputs.keys)
+        self.hop.requests += 1
+        self.hop.frames += inputs.frames
+        try:
+            result = await self._run(model_id, visual, audio, deadline)
+        except InputsMissing as missing:
+            sent = missing.positions
+            self.hop.inputs_sent += len(sent)
+            pixels = np.frombuffer(inputs.pixels(sent), np.uint8)
+            result = await self._run(model_id, VisualBatch(pixels, REAL_CHANNELS, inputs.keys, sent), audio, deadline)
         return MouthBatch(
             result.outputs,
             result.inference_ms,
@@ -345,6 +424,30 @@ class InProcessInference:
             result.device.label,
             result.utterance_frames,
         )
+
+    async def _run(
+        self, model_id: str, visual: VisualBatch, audio: np.ndarray | RawAudio, deadline: float | None
+    ) -> InferResult:
+        if deadline is not None and deadline - time.monotonic() <= 0:
+            raise errors.DeadlineExceeded("deadline exceeded before inference")
+        features = None if isinstance(audio, RawAudio) else audio
+        coro = self.core.infer(
+            model_id,
+            visual,
+            features,
+            batch_size=len(visual.keys) or 0,
+            audio_shape=() if features is None else features.shape,
+            raw_audio=audio if isinstance(audio, RawAudio) else None,
+            output_dtype=np.uint8,
+            deadline=deadline,
+            client=request_log.client_name(),
+        )
+        if deadline is None:
+            return await coro
+        try:
+            return await asyncio.wait_for(coro, deadline - time.monotonic())
+        except TimeoutError:
+            raise errors.DeadlineExceeded("inference did not finish within the deadline") from None
 
     async def reachable(self) -> int:
         return 1  # the engine in this process
@@ -358,6 +461,41 @@ class InProcessInference:
 
     async def close(self) -> None:
         self.core.close()
+
+
+def set_audio(request: pb.InferBatchRequest, audio: np.ndarray | RawAudio) -> None:
+    if isinstance(audio, RawAudio):
+        request.raw_audio = audio.data
+        request.audio_encoding = pb.AUDIO_FLOAT32 if audio.encoding == "f32le" else pb.AUDIO_PCM_S16LE
+        request.sample_rate = audio.sample_rate
+        request.audio_offset_samples = audio.offset
+        request.utterance_samples = audio.utterance_samples
+        request.first_frame = audio.first_frame
+    else:
+        request.audio_features = audio.tobytes()
+        request.audio_features_shape.extend(audio.shape)
+
+
+def mouths_of(response: pb.InferBatchResponse, batch: int) -> MouthBatch:
+    if len(response.outputs) != batch:
+        raise errors.Internal(f"inference service returned {len(response.outputs)} outputs for {batch} frames")
+    shape = tuple(response.outputs[0].shape)
+    mouths = np.empty((batch, *shape), np.uint8)
+    for i, region in enumerate(response.outputs):
+        if tuple(region.shape) != shape or len(shape) != 3 or region.dtype != pb.DTYPE_UINT8:
+            raise errors.Internal(
+                f"inference service returned a {list(region.shape)} output, expected uint8 [3, H, W] like the first"
+            )
+        mouths[i] = np.frombuffer(region.data, np.uint8).reshape(shape)
+    return MouthBatch(
+        mouths,
+        response.inference_time_ms,
+        response.audio_processing_ms,
+        response.queue_time_ms,
+        response.gpu_id,
+        response.device,
+        response.utterance_frames,
+    )
 
 
 def make_backend(config: CompositingConfig) -> InferenceBackend:

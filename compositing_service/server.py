@@ -53,6 +53,23 @@ def core_metrics(core: CompositingCore, servicer: CompositingServicer, state: di
     sessions.add_metric([], servicer.active_sessions)
     reachable = GaugeMetricFamily("lipsync_inference_reachable", "1 while the inference service answers Health.")
     reachable.add_metric([], 1 if state.get("inference_ok", True) else 0)
+    hop = core.backend.hop
+    hop_calls = CounterMetricFamily("lipsync_hop_requests", "InferBatch calls to the inference service.")
+    hop_calls.add_metric([], hop.requests)
+    hop_frames = CounterMetricFamily("lipsync_hop_frames", "Frames sent to the inference service.")
+    hop_frames.add_metric([], hop.frames)
+    hop_bytes = CounterMetricFamily(
+        "lipsync_hop_bytes", "Bytes of InferBatch messages on the hop, by direction.", labels=["direction"]
+    )
+    hop_bytes.add_metric(["request"], hop.request_bytes)
+    hop_bytes.add_metric(["response"], hop.response_bytes)
+    hop_inputs = CounterMetricFamily(
+        "lipsync_hop_inputs_sent",
+        "Model inputs sent as pixels: first (the server did not hold them yet) or resent (it reported them missing).",
+        labels=["why"],
+    )
+    hop_inputs.add_metric(["first"], hop.inputs_sent)
+    hop_inputs.add_metric(["resent"], hop.inputs_resent)
     counts = core.compositor.counts
     jpeg = CounterMetricFamily("lipsync_jpeg_frames", "JPEG frames by how they were encoded.", labels=["path"])
     jpeg.add_metric(["spliced"], counts.spliced)
@@ -65,6 +82,10 @@ def core_metrics(core: CompositingCore, servicer: CompositingServicer, state: di
     for reason, count in sorted(counts.fallbacks.items()):
         fallbacks.add_metric([reason], count)
     return [
+        hop_calls,
+        hop_frames,
+        hop_bytes,
+        hop_inputs,
         hits,
         misses,
         evictions,

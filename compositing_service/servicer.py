@@ -294,6 +294,7 @@ class CompositingServicer(SessionServicerMixin, pb_grpc.CompositingServiceServic
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
         reachable = await self.core.backend.reachable()
         inference_ok = reachable > 0
+        hop = self.core.backend.hop
         return pb.HealthResponse(
             healthy=inference_ok,
             inference_server_healthy=inference_ok,
@@ -308,4 +309,10 @@ class CompositingServicer(SessionServicerMixin, pb_grpc.CompositingServiceServic
             jpeg_spliced_frames=self.core.compositor.counts.spliced,
             jpeg_full_frames=self.core.compositor.counts.full,
             inference_servers_reachable=reachable,
+            hop_requests=hop.requests,
+            hop_frames=hop.frames,
+            hop_request_bytes=hop.request_bytes,
+            hop_response_bytes=hop.response_bytes,
+            hop_inputs_sent=hop.inputs_sent,
+            hop_inputs_resent=hop.inputs_resent,
         )

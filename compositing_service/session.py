@@ -444,9 +444,7 @@ class StreamSession:
                 background = frame_index(
                     self.options.start_frame_idx + index, self.avatar.num_frames, self.core.config.frame_order
                 )
-                frame = await asyncio.to_thread(
-                    self.core.cache.get, self.options.model_id, background, self.avatar.read_frame
-                )
+                frame = await asyncio.to_thread(self.core.background, self.avatar, background)
                 image = await asyncio.to_thread(
                     self.core.background_image,
                     self.avatar,

@@ -150,7 +150,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("healthy", "inference_server_healthy", "loaded_models", "max_models", "version", "inference_server_url", "inference_mode", "cache_bytes", "cache_max_bytes", "active_sessions", "jpeg_spliced_frames", "jpeg_full_frames", "inference_servers_reachable")
+    __slots__ = ("healthy", "inference_server_healthy", "loaded_models", "max_models", "version", "inference_server_url", "inference_mode", "cache_bytes", "cache_max_bytes", "active_sessions", "jpeg_spliced_frames", "jpeg_full_frames", "inference_servers_reachable", "hop_requests", "hop_frames", "hop_request_bytes", "hop_response_bytes", "hop_inputs_sent", "hop_inputs_resent")
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_SERVER_HEALTHY_FIELD_NUMBER: _ClassVar[int]
     LOADED_MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,12 @@ class HealthResponse(_message.Message):
     JPEG_SPLICED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     JPEG_FULL_FRAMES_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_SERVERS_REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    HOP_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    HOP_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    HOP_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOP_RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOP_INPUTS_SENT_FIELD_NUMBER: _ClassVar[int]
+    HOP_INPUTS_RESENT_FIELD_NUMBER: _ClassVar[int]
     healthy: bool
     inference_server_healthy: bool
     loaded_models: int
@@ -177,7 +183,13 @@ class HealthResponse(_message.Message):
     jpeg_spliced_frames: int
     jpeg_full_frames: int
     inference_servers_reachable: int
-    def __init__(self, healthy: _Optional[bool] = ..., inference_server_healthy: _Optional[bool] = ..., loaded_models: _Optional[int] = ..., max_models: _Optional[int] = ..., version: _Optional[str] = ..., inference_server_url: _Optional[str] = ..., inference_mode: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., cache_max_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., jpeg_spliced_frames: _Optional[int] = ..., jpeg_full_frames: _Optional[int] = ..., inference_servers_reachable: _Optional[int] = ...) -> None: ...
+    hop_requests: int
+    hop_frames: int
+    hop_request_bytes: int
+    hop_response_bytes: int
+    hop_inputs_sent: int
+    hop_inputs_resent: int
+    def __init__(self, healthy: _Optional[bool] = ..., inference_server_healthy: _Optional[bool] = ..., loaded_models: _Optional[int] = ..., max_models: _Optional[int] = ..., version: _Optional[str] = ..., inference_server_url: _Optional[str] = ..., inference_mode: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., cache_max_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., jpeg_spliced_frames: _Optional[int] = ..., jpeg_full_frames: _Optional[int] = ..., inference_servers_reachable: _Optional[int] = ..., hop_requests: _Optional[int] = ..., hop_frames: _Optional[int] = ..., hop_request_bytes: _Optional[int] = ..., hop_response_bytes: _Optional[int] = ..., hop_inputs_sent: _Optional[int] = ..., hop_inputs_resent: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model_id", "loaded", "model_path", "background_dir", "crop_rects_path", "stats", "num_frames", "frame_width", "frame_height")

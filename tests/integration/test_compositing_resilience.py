@@ -104,7 +104,7 @@ def test_client_deadline_bounds_the_whole_request(models_dir: Path) -> None:
 
 def test_cache_bounds_hold_under_many_frames_and_models(models_dir: Path, tmp_path: Path) -> None:
     frames_dir, rects = write_small_avatar(tmp_path / "small")
-    frame_bytes = 640 * 360 * 3
+    frame_bytes = 640 * 360 * 3 + 328 * 328 * 3  # a cached frame and its face crop
     overrides = {
         "capacity.background_cache_frames": 6,
         "capacity.background_cache_mb": (10 * frame_bytes) / 2**20,

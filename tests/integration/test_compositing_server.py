@@ -90,7 +90,7 @@ def test_frames_match_the_reference_pipeline_pixel_for_pixel(comp_stub, composit
 
 
 def test_old_visual_frames_and_server_built_crops_give_the_same_frames(comp_stub, compositing) -> None:
-    from compositing_service.geometry import crop_328, model_input
+    from compositing_service.geometry import crop_face, model_input
 
     audio = loud_audio(2, 0.5)
     built = comp_stub.InferBatchComposite(
@@ -99,7 +99,7 @@ def test_old_visual_frames_and_server_built_crops_give_the_same_frames(comp_stub
     rects = json.loads((Path(compositing.config.models_root) / "avatar" / "crop_rects.json").read_text())
     visual = (
         np.stack(
-            [model_input(crop_328(background(compositing.config, i), rects[i])) for i in built.frame_indices]
+            [model_input(crop_face(background(compositing.config, i), rects[i])) for i in built.frame_indices]
         ).astype(np.float32)
         / 255.0
     )
@@ -129,6 +129,10 @@ def test_ping_pong_across_both_ends(comp_stub) -> None:
     assert list(start.frame_indices) == [1, 0, 1]
 
 
+# A cached frame: the frame and its 328 face crop (counted in the byte bound).
+FRAME_BYTES = 1280 * 720 * 3 + 328 * 328 * 3
+
+
 def test_management_rpcs(comp_stub) -> None:
     models = {m.model_id: m for m in comp_stub.ListModels(pb.ListModelsRequest()).models}
     demo = models["demo"]
@@ -137,9 +141,7 @@ def test_management_rpcs(comp_stub) -> None:
     assert (demo.frame_width, demo.frame_height) == (1280, 720)
     stats = comp_stub.GetModelStats(pb.GetModelStatsRequest(model_id="demo"))
     s = stats.models[0].stats
-    assert (
-        s.cache_hits + s.cache_misses > 0 and s.cached_frames > 0 and s.cache_bytes == s.cached_frames * 1280 * 720 * 3
-    )
+    assert s.cache_hits + s.cache_misses > 0 and s.cached_frames > 0 and s.cache_bytes == s.cached_frames * FRAME_BYTES
     assert stats.total_memory_bytes >= s.cache_bytes
     health = comp_stub.Health(pb.HealthRequest())
     assert health.healthy and health.inference_server_healthy and health.inference_mode == "remote"

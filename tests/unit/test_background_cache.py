@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from support import wait_until
 
-from compositing_service.cache import BackgroundCache
+from compositing_service.cache import BackgroundCache, CachedFrame
 
 FRAME = np.zeros((10, 10, 3), np.uint8)  # 300 bytes
 
@@ -78,9 +78,11 @@ def test_concurrent_misses_for_one_frame_load_it_once() -> None:
 
 def test_cached_frames_are_read_only_and_failures_are_not_cached() -> None:
     cache = BackgroundCache(max_bytes=10**6, max_frames_per_model=10)
-    frame = cache.get("a", 1, loader([]))
-    with pytest.raises(ValueError):
-        frame[0, 0, 0] = 1
+    cached = cache.get("a", 1, lambda i: CachedFrame.build(np.full((40, 40, 3), 9, np.uint8), (2, 2, 30, 30)))
+    for array in (cached.frame, cached.crop):  # shared by every request: nobody may draw on them
+        with pytest.raises(ValueError):
+            array[0, 0, 0] = 1
+    assert cached.crop.shape == (328, 328, 3)
 
     def broken(index: int) -> np.ndarray:
         raise OSError("disk gone")

@@ -7,19 +7,20 @@ import asyncio
 import cv2
 import numpy as np
 
-from compositing_service.cache import BackgroundCache
+from compositing_service.cache import BackgroundCache, CachedFrame
 from compositing_service.compositor import Compositor, Prepared
-from compositing_service.geometry import crop_328, paste_back
+from compositing_service.geometry import paste_back
 from compositing_service.jpeg_splice import SpliceSettings, encode_with_restarts
+from lipsync_protocol.geometry import DEFAULT
 
 
 def prepared(cache: BackgroundCache, frame: np.ndarray, rect, index: int) -> Prepared:
-    cached = cache.get("m", index, lambda _: frame)
+    cached = cache.get("m", index, lambda _: CachedFrame.build(frame, rect))
 
     def encoded(quality: int):
         return cache.encoded("m", index, cached, SpliceSettings(quality))
 
-    return Prepared(cached, rect, crop_328(cached, rect), None, True, encoded)
+    return Prepared(cached, rect, DEFAULT, True, encoded)
 
 
 def test_spliced_whole_frame_fallback_and_disabled() -> None:
@@ -38,7 +39,7 @@ def test_spliced_whole_frame_fallback_and_disabled() -> None:
         assert compositor.counts.fallbacks == {"whole_frame": 1}  # the rect covers every tile of the small frame
         for item, mouth, data in zip(items, mouths, jpegs, strict=True):
             full = item.frame.copy()
-            paste_back(full, item.rect, item.crop328, mouth)
+            paste_back(full, item.rect, item.cached.crop, mouth)
             assert data == encode_with_restarts(full, SpliceSettings(80))
         assert cache.stats("m").encoded_bytes > 0
         _png, _, spliced = loop.run_until_complete(compositor.composite(items, mouths, "png"))
@@ -57,19 +58,20 @@ def test_spliced_whole_frame_fallback_and_disabled() -> None:
 
 def test_encodes_leave_with_their_frame() -> None:
     frame = np.full((48, 64, 3), 120, np.uint8)
-    cache = BackgroundCache(frame.nbytes * 2, 2)  # room for two frames
+    size = CachedFrame.build(frame, (0, 0, 8, 8)).nbytes
+    cache = BackgroundCache(size * 2, 2)  # room for two frames
     for index in range(2):
-        cached = cache.get("m", index, lambda _: frame.copy())
+        cached = cache.get("m", index, lambda _: CachedFrame.build(frame.copy(), (0, 0, 8, 8)))
         cache.encoded("m", index, cached, SpliceSettings(75))
         cache.encoded("m", index, cached, SpliceSettings(90))
     assert cache.stats("m").encoded_bytes > 0
     before = cache.stats("m").encoded_bytes
-    cache.get("m", 2, lambda _: frame.copy())  # evicts frame 0 and its two encodes
+    cache.get("m", 2, lambda _: CachedFrame.build(frame.copy(), (0, 0, 8, 8)))  # evicts frame 0 and its encodes
     assert 0 < cache.stats("m").encoded_bytes < before
     cache.drop("m")
     assert cache.stats("m").encoded_bytes == 0
     # A frame that is not cached (too large) is encoded but not kept.
     tiny = BackgroundCache(10, 1)
-    uncached = tiny.get("x", 0, lambda _: frame.copy())
+    uncached = tiny.get("x", 0, lambda _: CachedFrame.build(frame.copy(), (0, 0, 8, 8)))
     assert tiny.encoded("x", 0, uncached, SpliceSettings(75)).geometry.width == 64
     assert tiny.stats("x").encoded_bytes == 0

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from compositing_service.geometry import crop_328, frame_index, model_input, paste_back
+from compositing_service.geometry import crop_face, frame_index, model_input, paste_back
 
 
 def reference_input(frame: np.ndarray, rect) -> tuple[np.ndarray, np.ndarray]:
@@ -35,7 +35,7 @@ def test_input_and_paste_back_match_the_reference(rect) -> None:
     frame = rng.integers(0, 256, (360, 640, 3), dtype=np.uint8)
     frame = cv2.GaussianBlur(frame, (7, 7), 0)
     crop_ref, input_ref = reference_input(frame, rect)
-    crop = crop_328(frame, rect)
+    crop = crop_face(frame, rect)
     np.testing.assert_array_equal(crop, crop_ref)
     np.testing.assert_array_equal(model_input(crop).astype(np.float32) / 255.0, input_ref)
     pred = rng.random((3, 320, 320), dtype=np.float32)
