@@ -106,7 +106,7 @@ class Compositor:
     async def composite(
         self,
         prepared: Sequence[Prepared],
-        mouths: np.ndarray,
+        mouths: Sequence[np.ndarray],
         output_format: str | None = None,
         jpeg_quality: int | None = None,
     ) -> tuple[list[bytes], float, int]:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,13 +31,15 @@ log = logging.getLogger(__name__)
 AUDIO_SHAPE = (32, 16, 16)
 
 
-def check_mouths(mouths: np.ndarray, avatar: Avatar, batch_size: int) -> None:
+def check_mouths(mouths: Sequence[np.ndarray], avatar: Avatar, batch_size: int) -> None:
     """The model's outputs fit the avatar's geometry (a 160 model behind a 328 avatar is a config mistake)."""
-    expected = (batch_size, 3, avatar.geometry.input_size, avatar.geometry.input_size)
-    if mouths.shape != expected:
+    expected = avatar.geometry.crop_shape
+    found = next((m.shape for m in mouths if m.shape != expected), None)
+    if found is not None or len(mouths) != batch_size:
         raise FailedPrecondition(
-            f"models.{avatar.model_id}.geometry: the model returned {list(mouths.shape[1:])} mouths but the avatar's "
-            f"geometry {avatar.geometry.name} pastes {list(expected[1:])}; set geometry to the model's family"
+            f"models.{avatar.model_id}.geometry: the model returned {len(mouths)} mouths of "
+            f"{list(found or expected)} but the avatar's geometry {avatar.geometry.name} pastes {batch_size} of "
+            f"{list(expected)}; set geometry to the model's family"
         )
 
 

@@ -26,7 +26,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -36,6 +36,7 @@ import numpy as np
 from inference_service.audio import RawAudio
 from lipsync_protocol.geometry import Geometry
 from lipsync_protocol.inputs import REAL_CHANNELS
+from lipsync_protocol.wire import DecodedBatch, decode_batch_response
 from service_common import errors, request_log, tls
 from shared_proto import inference_pb2 as pb
 from shared_proto import inference_pb2_grpc as pb_grpc
@@ -72,7 +73,7 @@ _CODES = {
 
 @dataclass
 class MouthBatch:
-    mouths: np.ndarray  # uint8 [B, 3, 320, 320]
+    mouths: Sequence[np.ndarray]  # B of uint8 [3, S, S] (views of the received message over the hop)
     inference_ms: float
     audio_ms: float
     queue_ms: float
@@ -193,7 +194,7 @@ class RemoteInference:
             except tls.TlsError as exc:
                 raise RuntimeError(str(exc).replace("tls.", "inference_server.tls.")) from None
             self._channels.append(channel)
-            self._stubs.append(pb_grpc.InferenceServiceStub(channel))
+            self._stubs.append(inference_stub(channel))
             self._down_until.append(0.0)
             self._held.append(HeldKeys())
 
@@ -299,14 +300,14 @@ class RemoteInference:
         self.hop.frames += batch
         return mouths_of(response, batch)
 
-    def _count(self, request: pb.InferBatchRequest, response: pb.InferBatchResponse) -> None:
+    def _count(self, request: pb.InferBatchRequest, response: DecodedBatch) -> None:
         self.hop.requests += 1
         self.hop.request_bytes += request.ByteSize()
-        self.hop.response_bytes += response.ByteSize()
+        self.hop.response_bytes += response.nbytes
 
     async def _by_reference(
         self, request: pb.InferBatchRequest, inputs: ModelInputs, deadline: float | None
-    ) -> pb.InferBatchResponse:
+    ) -> DecodedBatch:
         """Keys for every frame, pixels for those the chosen target does not hold; a target that says some are
         missing gets them at once (all of them on the last round, which cannot miss)."""
         model_id, keys = request.model_id, inputs.keys
@@ -332,10 +333,10 @@ class RemoteInference:
                 self.hop.inputs_resent += len(built[-1].visual_sent)
             else:
                 self.hop.inputs_sent += len(built[-1].visual_sent)
-            if not response.missing_visual:
+            if not response.head.missing_visual:
                 self._held[index].add(model_id, keys)
                 return response
-            missing = [keys[i] for i in response.missing_visual if 0 <= i < len(keys)]
+            missing = [keys[i] for i in response.head.missing_visual if 0 <= i < len(keys)]
             log.info("inference %s holds %d of %d inputs less than thought; resending", index, len(missing), len(keys))
             self._held[index].forget(model_id, missing)
         raise errors.Internal("inference service: inputs still missing after sending every frame's pixels")
@@ -476,25 +477,35 @@ def set_audio(request: pb.InferBatchRequest, audio: np.ndarray | RawAudio) -> No
         request.audio_features_shape.extend(audio.shape)
 
 
-def mouths_of(response: pb.InferBatchResponse, batch: int) -> MouthBatch:
-    if len(response.outputs) != batch:
-        raise errors.Internal(f"inference service returned {len(response.outputs)} outputs for {batch} frames")
-    shape = tuple(response.outputs[0].shape)
-    mouths = np.empty((batch, *shape), np.uint8)
-    for i, region in enumerate(response.outputs):
-        if tuple(region.shape) != shape or len(shape) != 3 or region.dtype != pb.DTYPE_UINT8:
+def inference_stub(channel: grpc.aio.Channel) -> pb_grpc.InferenceServiceStub:
+    """The generated stub, with InferBatch's answers decoded into views of the received bytes (wire.py)."""
+    stub = pb_grpc.InferenceServiceStub(channel)
+    stub.InferBatch = channel.unary_unary(  # type: ignore[method-assign]
+        "/inference.InferenceService/InferBatch",
+        request_serializer=pb.InferBatchRequest.SerializeToString,
+        response_deserializer=decode_batch_response,
+    )
+    return stub
+
+
+def mouths_of(response: DecodedBatch, batch: int) -> MouthBatch:
+    head, outputs = response.head, response.outputs
+    if len(outputs) != batch:
+        raise errors.Internal(f"inference service returned {len(outputs)} outputs for {batch} frames")
+    for region in outputs:
+        if region.dtype != np.uint8 or region.ndim != 3 or region.shape != outputs[0].shape:
             raise errors.Internal(
-                f"inference service returned a {list(region.shape)} output, expected uint8 [3, H, W] like the first"
+                f"inference service returned a {region.dtype} {list(region.shape)} output, expected uint8 [3, H, W] "
+                "like the first"
             )
-        mouths[i] = np.frombuffer(region.data, np.uint8).reshape(shape)
     return MouthBatch(
-        mouths,
-        response.inference_time_ms,
-        response.audio_processing_ms,
-        response.queue_time_ms,
-        response.gpu_id,
-        response.device,
-        response.utterance_frames,
+        outputs,
+        head.inference_time_ms,
+        head.audio_processing_ms,
+        head.queue_time_ms,
+        head.gpu_id,
+        head.device,
+        head.utterance_frames,
     )
 
 

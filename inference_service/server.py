@@ -11,11 +11,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from service_common.cli import overrides_from, parser_for, run_server
 from service_common.metrics import ServiceMetrics
 from service_common.serving import RunningServer, build_policy, serve_until_signal, start_grpc_server
-from shared_proto import inference_pb2, inference_pb2_grpc
+from shared_proto import inference_pb2
 
 from .config import InferenceConfig, load_config
 from .core import InferenceCore
-from .servicer import InferenceServicer
+from .servicer import InferenceServicer, add_to_server
 
 log = logging.getLogger("inference_service")
 
@@ -73,9 +73,7 @@ async def start_server(config: InferenceConfig, core: InferenceCore | None = Non
         host=config.host,
         port=config.port,
         max_message_bytes=config.max_message_bytes,
-        register=lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(core, metrics), server
-        ),
+        register=lambda server: add_to_server(InferenceServicer(core, metrics), server),
         service_names=[SERVICE_NAME],
         grace_seconds=config.grace_seconds,
         on_stop=on_stop,
