@@ -17,6 +17,7 @@ from load import Load, percentile, rss_bytes
 from support import make_compositing_config, wait_until
 
 from compositing_service.inference_client import channel_options
+from lipsync_client.retry import RETRYABLE_CODES
 from lipsync_cluster import nginx
 from lipsync_cluster.launcher import Cluster, ClusterSpec
 from service_common.processes import ServiceProcess, free_port, wait_serving
@@ -308,7 +309,12 @@ def test_sigterm_goes_not_serving_refuses_new_calls_and_lets_calls_in_flight_fin
 
             err = wait_until(refused, timeout=30, interval=0.05)
             assert err is not None, "new calls were still answered"
-            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            # A call that reaches the server in the instant it stops accepting is cancelled by gRPC (1 run in 40
+            # here); every later one finds no listener. Both codes are ones lipsync-client retries elsewhere.
+            assert err.code().name in RETRYABLE_CODES, err.code()
+            if err.code() != grpc.StatusCode.UNAVAILABLE:
+                err = refused()
+                assert err is not None and err.code() == grpc.StatusCode.UNAVAILABLE, err
             # ... and the call accepted before SIGTERM still completes.
             response = in_flight.result(timeout=60)
             assert response.success and len(response.outputs) == 6
