@@ -13,16 +13,11 @@ What runs, in one run on one machine:
    encoded and spliced into the background's cached encode); ``composite_ratio_full`` the full-frame path
    (copy, paste back, encode the whole frame) that ``output.jpeg_splicing: false`` keeps.
 2. ``threads``: ``Compositor.composite`` on batches of 16 with 1 thread versus 2, alternating blocks.
-3. ``services``: ``InferBatchComposite`` from a client in this process against a ``lipsync-inference`` +
-   ``lipsync-compositing`` pair (separated) and a ``lipsync-compositing --in-process`` (in process), all three
-   processes up at once, blocks alternating between the two modes, 2 requests in flight, same model and batch.
-4. ``spinning``: the in-process mode with ORT ``allow_spinning`` true versus false (a fourth process), paired the
-   same way: spinning threads compete with the compositor's threads for the same cores.
-4b. ``splicing``: a second separated compositing process with ``output.jpeg_splicing: false`` on the same
-   inference server, paired with the default one the same way: the end-to-end effect of spliced JPEG.
-5. ``bytes``: serialized request/response sizes per frame, and of the internal hop.
+3. ``services`` and ``spinning`` (bench/separation.py): separated against in-process with the same client load,
+   server CPU per frame with and without the model's own run, the hop's bytes cold and warm, splicing on against
+   off, and ORT's spinning per mode.
 
-    .venv/bin/python bench/bench_compositing.py --models-dir models --out bench/results/compositing.json
+    .venv/bin/python -m bench.bench_compositing --models-dir models --out bench/results/compositing.json
 """
 
 from __future__ import annotations
@@ -33,10 +28,7 @@ import contextlib
 import itertools
 import json
 import math
-import shutil
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,12 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import grpc
 import numpy as np
 
-from compositing_service.cache import BackgroundCache
+from compositing_service.cache import BackgroundCache, CachedFrame
 from compositing_service.compositor import Compositor, Prepared
-from compositing_service.geometry import INNER, crop_328, draw_mouth, encode_image, model_input, paste_back
+from compositing_service.geometry import INNER, crop_face, draw_mouth, encode_image, model_input, paste_back
 from compositing_service.jpeg_splice import (
     SplicedBackground,
     SpliceSettings,
@@ -57,17 +48,15 @@ from compositing_service.jpeg_splice import (
     encode_with_restarts,
     fit_tile_width,
 )
+from lipsync_protocol.geometry import DEFAULT
 from service_common.allocator import tune_malloc
-from service_common.processes import ServiceProcess, free_port
 
 # bench/ is not a package: this lets `common` import however the script is started.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-from shared_proto import compositing_pb2 as cpb
-from shared_proto import compositing_pb2_grpc as cpb_grpc
-from shared_proto import inference_pb2 as ipb
+from bench import separation
 
 JPEG_QUALITY = 75
 AUDIO_SHAPE = (32, 16, 16)
@@ -159,7 +148,7 @@ def build_avatar(models_dir: Path, frames: list[np.ndarray], rects: list, label:
         size = (round(width * scale), round(height * scale))
         frames = [cv2.resize(f, size, interpolation=cv2.INTER_CUBIC) for f in frames]
         rects = [tuple(round(v * scale) for v in r) for r in rects]
-    crops = [crop_328(f, r) for f, r in zip(frames, rects, strict=True)]
+    crops = [crop_face(f, r) for f, r in zip(frames, rects, strict=True)]
     return Avatar(label, frames, rects, crops, demo_mouths(models_dir, crops))
 
 
@@ -190,7 +179,7 @@ def geometry_ops(avatar: Avatar) -> dict[str, Callable[[int], Any]]:
         return encode_image(copy_paste(i), "jpeg", JPEG_QUALITY)
 
     def crop(i: int) -> Any:
-        return model_input(crop_328(avatar.frames[i], avatar.rects[i]))
+        return model_input(crop_face(avatar.frames[i], avatar.rects[i]))
 
     def copy_paste_merge(i: int) -> Any:
         out = avatar.frames[i].copy()
@@ -201,11 +190,11 @@ def geometry_ops(avatar: Avatar) -> dict[str, Callable[[int], Any]]:
     # with the tile width the service fits to the avatar's rectangles.
     settings = SpliceSettings(JPEG_QUALITY, tile_width=fit_tile_width(avatar.frames[0].shape[1], avatar.rects))
     backgrounds = [SplicedBackground.from_frame(f, settings) for f in avatar.frames]
-    crops = [c.copy() for c in avatar.crops]  # the service draws the mouth into the request's own crop
+    scratch = np.empty_like(avatar.crops[0])  # the compositor's per-thread buffer: the cached crop is never written
 
     def spliced(i: int) -> Any:
         def draw(dst: np.ndarray) -> None:
-            draw_mouth(dst, crops[i], avatar.mouths[i], reuse_crop=True)
+            draw_mouth(dst, avatar.crops[i], avatar.mouths[i], DEFAULT, scratch)
 
         data, reason = encode_composite(backgrounds[i], avatar.frames[i], avatar.rects[i], draw)
         assert reason is None, reason
@@ -293,7 +282,7 @@ def bench_geometry(avatar: Avatar, rounds: int) -> dict[str, Any]:
             "total (copy + paste_back + encode)": ms["total"],
             "spliced (draw_mouth into the box + encode_composite on the cached background encode)": ms["spliced"],
             "full_restarts (encode_with_restarts of the composited frame: what spliced equals)": ms["full_restarts"],
-            "crop_build (crop_328 + model_input)": ms["crop_build"],
+            "crop_build (crop_face + model_input)": ms["crop_build"],
         },
         "splice_tile_width": fit_tile_width(width, avatar.rects),
         "spliced_identical_to_full_restart_encode": all(
@@ -334,8 +323,13 @@ def bench_geometry(avatar: Avatar, rounds: int) -> dict[str, Any]:
 def bench_threads(avatar: Avatar, batch: int, seconds: float, blocks: int) -> dict[str, Any]:
     """Compositor.composite (the service's class) on batches of ``batch`` frames: 1 thread vs 2, alternating."""
     count = len(avatar.frames)
-    cache = BackgroundCache(sum(f.nbytes for f in avatar.frames) * 2, count)
-    frames = [cache.get("bench", i, lambda i: avatar.frames[i]) for i in range(count)]
+    cache = BackgroundCache(
+        sum(f.nbytes + c.nbytes for f, c in zip(avatar.frames, avatar.crops, strict=True)) * 2, count
+    )
+    frames = [
+        cache.get("bench", i, lambda i: CachedFrame(avatar.frames[i], avatar.crops[i], f"bench/{i}"))
+        for i in range(count)
+    ]
 
     tile_width = fit_tile_width(frames[0].shape[1], np.array(avatar.rects))
 
@@ -345,7 +339,7 @@ def bench_threads(avatar: Avatar, batch: int, seconds: float, blocks: int) -> di
     batches = []
     for start in range(0, count, batch):
         idx = [(start + j) % count for j in range(batch)]
-        prepared = [Prepared(frames[i], avatar.rects[i], avatar.crops[i], None, True, encoder(i)) for i in idx]
+        prepared = [Prepared(frames[i], avatar.rects[i], DEFAULT, True, encoder(i)) for i in idx]
         batches.append((prepared, avatar.mouths[idx]))
     compositors = {n: Compositor(n, "jpeg", JPEG_QUALITY) for n in (1, 2)}
     loop = asyncio.new_event_loop()
@@ -395,462 +389,6 @@ def bench_threads(avatar: Avatar, batch: int, seconds: float, blocks: int) -> di
     }
 
 
-# -- 3. separated services versus in-process ------------------------------------------------------------------
-
-
-def console_script(name: str) -> str:
-    path = Path(sys.executable).parent / name
-    found = str(path) if path.exists() else shutil.which(name)
-    if not found:
-        raise RuntimeError(f"{name} not found next to {sys.executable} nor on PATH (make install)")
-    return found
-
-
-@dataclass
-class Services:
-    """The server processes by role: ``inference``, ``separated`` (its compositing), ``in_process`` and, for the
-    spinning experiment, ``in_process_no_spin``."""
-
-    procs: dict[str, ServiceProcess]
-    startup_seconds: float
-    log_dir: Path
-
-    def stop(self) -> dict[str, int | None]:
-        return {name: proc.stop() for name, proc in reversed(self.procs.items())}
-
-
-def start_services(models_dir: Path, work: Path, no_spin: bool) -> Services:
-    """inference + compositing (remote), compositing --in-process, and optionally an in-process one without spinning.
-
-    ORT intra-op threads are 2 on both sides: ``--set`` for the inference service; for the in-process mode the
-    engine reads inference.yaml itself, so the override goes in through the environment
-    (LIPSYNC_ONNX__INTRA_OP_THREADS), which every config that process loads sees (the compositing config
-    then warns that it ignores an unknown ``onnx`` key). Both avatars' backgrounds are preloaded.
-    """
-    frames_dir, log_dir = work / "frames", work / "logs"
-    log_dir.mkdir(parents=True)
-    common_args = ["--host", "127.0.0.1", "--log-level", "WARNING"]
-    compositing = [
-        console_script("lipsync-compositing"),
-        "--config",
-        str(models_dir / "compositing.yaml"),
-        *common_args,
-        "--set",
-        f"frames_cache_dir={frames_dir}",
-        "--set",
-        "models.unet328.preload_backgrounds=true",
-    ]
-    in_process_args = ["--in-process", "--set", "inference.config=inference.yaml"]
-    in_process_env = {"LIPSYNC_ONNX__INTRA_OP_THREADS": str(ORT_THREADS)}
-    names = ["inference", "in_process", "separated", "separated_no_splice"]
-    names += ["in_process_no_spin"] if no_spin else []
-    ports = {name: free_port() for name in names}
-    procs: dict[str, ServiceProcess] = {}
-
-    def start(name: str, argv: list[str], env: dict[str, str] | None = None) -> ServiceProcess:
-        procs[name] = ServiceProcess([*argv, "--port", str(ports[name])], ports[name], log_dir / f"{name}.log", env)
-        return procs[name]
-
-    started = time.perf_counter()
-    try:
-        inference = start(
-            "inference",
-            [
-                console_script("lipsync-inference"),
-                "--config",
-                str(models_dir / "inference.yaml"),
-                *common_args,
-                "--set",
-                f"onnx.intra_op_threads={ORT_THREADS}",
-            ],
-        )
-        first = start("in_process", [*compositing, *in_process_args], in_process_env)
-        inference.wait_serving(180)
-        first.wait_serving(300)  # it decodes the video into frames_dir: the others start after it (no decode race)
-        remote = [*compositing, "--inference-url", f"127.0.0.1:{ports['inference']}"]
-        later = [
-            start("separated", remote),
-            start("separated_no_splice", [*remote, "--set", "output.jpeg_splicing=false"]),
-        ]
-        if no_spin:
-            env = {**in_process_env, "LIPSYNC_ONNX__ALLOW_SPINNING": "false"}
-            later.append(start("in_process_no_spin", [*compositing, *in_process_args], env))
-        for proc in later:
-            proc.wait_serving(300)
-    except BaseException:
-        for proc in reversed(procs.values()):
-            proc.stop(10)
-        raise
-    return Services(procs, time.perf_counter() - started, log_dir)
-
-
-class Positions:
-    """start_frame_idx advancing by one batch per request, so consecutive requests walk the avatar."""
-
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
-        self._next = itertools.count()
-        self._lock = threading.Lock()
-
-    def take(self) -> int:
-        with self._lock:
-            return next(self._next) * self.batch
-
-
-def composite_request(model_id: str, batch: int, start: int) -> cpb.CompositeBatchRequest:
-    """A new client: audio features only (one [32,16,16] window per frame), the server builds the crops."""
-    audio = loudness_audio(batch, start)
-    return cpb.CompositeBatchRequest(
-        model_id=model_id,
-        audio_features=audio.tobytes(),
-        audio_features_shape=list(audio.shape),
-        batch_size=batch,
-        start_frame_idx=start,
-    )
-
-
-def call_loop(
-    stub: cpb_grpc.CompositingServiceStub,
-    model_id: str,
-    positions: Positions,
-    seconds: float,
-    in_flight: int,
-) -> list[tuple[float, cpb.CompositeBatchResponse]]:
-    """``in_flight`` threads doing blocking calls until the deadline; (completion stamp, reply) each."""
-    done: list[tuple[float, cpb.CompositeBatchResponse]] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-    deadline = time.perf_counter() + seconds
-
-    def worker() -> None:
-        try:
-            while True:
-                with lock:
-                    if time.perf_counter() >= deadline and len(done) >= 3:
-                        return
-                request = composite_request(model_id, positions.batch, positions.take())
-                reply = stub.InferBatchComposite(request, timeout=120)
-                now = time.perf_counter()
-                with lock:
-                    done.append((now, reply))
-        except BaseException as exc:
-            errors.append(exc)
-
-    workers = [threading.Thread(target=worker, name=f"bench-client-{i}", daemon=True) for i in range(in_flight)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    if errors:
-        raise errors[0]
-    return done
-
-
-class ProcessMeter:
-    """CPU % of one core per block: this process, each named server process, and the rest of the machine."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = pids
-
-    def snapshot(self) -> tuple[float, float | None, dict[str, float | None], float | None]:
-        return (
-            time.perf_counter(),
-            common.process_cpu_seconds(None),
-            {name: common.process_cpu_seconds(pid) for name, pid in self.pids.items()},
-            common.system_cpu_busy_seconds(),
-        )
-
-    @staticmethod
-    def usage(start: tuple, end: tuple) -> dict[str, float | None]:
-        wall = max(end[0] - start[0], 1e-9)
-
-        def pct(a: float | None, b: float | None) -> float | None:
-            return None if a is None or b is None else round((b - a) / wall * 100.0, 1)
-
-        out: dict[str, float | None] = {"bench_cpu_pct": pct(start[1], end[1])}
-        for name in start[2]:
-            out[f"{name}_cpu_pct"] = pct(start[2][name], end[2][name])
-        machine = pct(start[3], end[3])
-        known = [v for v in out.values() if v is not None]
-        out["machine_cpu_pct"] = machine
-        out["other_cpu_pct"] = None if machine is None else round(max(machine - sum(known), 0.0), 1)
-        return out
-
-
-# The processes that do a mode's work (for its CPU ms per frame).
-MODE_PROCS = {
-    "in_process": ["in_process"],
-    "separated": ["separated", "inference"],
-    "separated_no_splice": ["separated_no_splice", "inference"],
-    "in_process_no_spin": ["in_process_no_spin"],
-}
-
-
-def service_block(
-    stub: cpb_grpc.CompositingServiceStub,
-    model_id: str,
-    positions: Positions,
-    seconds: float,
-    meter: ProcessMeter,
-    mode: str,
-) -> tuple[dict[str, Any], list[cpb.CompositeBatchResponse]]:
-    start = meter.snapshot()
-    done = call_loop(stub, model_id, positions, seconds, in_flight=2)
-    usage = meter.usage(start, meter.snapshot())
-    replies = [r for _, r in done]
-    fps = common.throughput([s for s, _ in done], positions.batch)
-    server_pct = sum(usage[f"{p}_cpu_pct"] or 0.0 for p in MODE_PROCS[mode])
-    return {
-        "mode": mode,
-        "fps": round(fps, 3),
-        "requests": len(done),
-        "seconds": round(max(s for s, _ in done) - min(s for s, _ in done), 3),
-        "server_cpu_ms_per_frame": round(server_pct * 10.0 / fps, 2),
-        "cache_hits": sum(r.cache_hits for r in replies),
-        "cache_misses": sum(r.cache_misses for r in replies),
-        **usage,
-    }, replies
-
-
-def timing_means(replies: Sequence[cpb.CompositeBatchResponse], batch: int) -> dict[str, float]:
-    out = {f: round(float(np.mean([getattr(r, f) for r in replies])), 2) for f in TIMING_FIELDS}
-    out["composite_ms_per_frame"] = round(out["composite_time_ms"] / batch, 3)
-    out["prepare_ms_per_frame"] = round(out["prepare_time_ms"] / batch, 3)
-    return out
-
-
-def paired_modes(
-    model_id: str,
-    plan: ServicePlan,
-    services: Services,
-    stubs: dict[str, cpb_grpc.CompositingServiceStub],
-    reference: str,
-    candidate: str,
-    seconds: float,
-    blocks: int,
-) -> tuple[dict[str, Any], dict[str, list[cpb.CompositeBatchResponse]]]:
-    """Blocks reference, candidate, reference, ..., reference; candidate / geomean(its neighbours), median."""
-    meter = ProcessMeter({name: proc.process.pid for name, proc in services.procs.items()})
-    positions = {mode: Positions(plan.batch) for mode in (reference, candidate)}
-    for mode in (reference, candidate):
-        stubs[mode].LoadModel(cpb.LoadModelRequest(model_id=model_id), timeout=300)
-        for _ in range(plan.warmup_requests):
-            stubs[mode].InferBatchComposite(
-                composite_request(model_id, plan.batch, positions[mode].take()), timeout=300
-            )
-    common.log(f"{model_id}: {blocks} blocks of ~{seconds:.1f} s, {reference} and {candidate} alternating")
-    results: list[dict[str, Any]] = []
-    replies: dict[str, list[cpb.CompositeBatchResponse]] = {reference: [], candidate: []}
-    for k in range(blocks):
-        mode = reference if k % 2 == 0 else candidate
-        block, got = service_block(stubs[mode], model_id, positions[mode], seconds, meter, mode)
-        replies[mode].extend(got)
-        results.append(block)
-        procs = ", ".join(f"{p} {block[p + '_cpu_pct']}%" for p in MODE_PROCS[mode])
-        common.log(
-            f"{model_id}: {mode:18s} {block['fps']:8.2f} fps  ({procs}, "
-            f"{block['server_cpu_ms_per_frame']} ms CPU/frame; bench {block['bench_cpu_pct']}%, "
-            f"other {block['other_cpu_pct']}%)"
-        )
-    ratios, quiet = [], []
-    for k in range(1, blocks, 2):
-        ref = math.sqrt(results[k - 1]["fps"] * results[k + 1]["fps"])
-        results[k][f"{reference}_ref_fps"] = round(ref, 3)
-        results[k]["ratio"] = round(results[k]["fps"] / ref, 4)
-        ratios.append(results[k]["ratio"])
-        if all((b["other_cpu_pct"] or 0.0) <= QUIET_OTHER_PCT for b in results[k - 1 : k + 2]):
-            quiet.append(results[k]["ratio"])
-
-    def median_of(mode: str, key: str) -> float:
-        return common.median([b[key] for b in results if b["mode"] == mode])
-
-    summary = {
-        "batch_size": plan.batch,
-        "in_flight": 2,
-        "ort_intra_op_threads": ORT_THREADS,
-        f"{candidate}_fps": round(median_of(candidate, "fps"), 3),
-        f"{reference}_fps": round(median_of(reference, "fps"), 3),
-        f"{candidate}_vs_{reference}": round(common.median(ratios), 4),
-        "ratio_blocks": ratios,
-        "ratio_quiet_pairs": round(common.median(quiet), 4) if quiet else None,
-        "quiet_pairs": len(quiet),
-        "server_cpu_ms_per_frame": {
-            m: round(median_of(m, "server_cpu_ms_per_frame"), 2) for m in (reference, candidate)
-        },
-        "timing_means_ms": {m: timing_means(replies[m], plan.batch) for m in (reference, candidate)},
-        "cache": {
-            m: {"hits": sum(r.cache_hits for r in replies[m]), "misses": sum(r.cache_misses for r in replies[m])}
-            for m in (reference, candidate)
-        },
-        "block_seconds": round(seconds, 2),
-        "blocks": results,
-    }
-    return summary, replies
-
-
-def bench_services(
-    models_dir: Path, scale: float, models: Sequence[str], spinning: bool
-) -> tuple[dict[str, Any], dict[str, dict[str, cpb.CompositeBatchResponse]]]:
-    work = Path(tempfile.mkdtemp(prefix="bench-compositing-"))
-    common.log(f"services: starting inference, compositing (separated), compositing --in-process ({work})")
-    result: dict[str, Any] = {}
-    samples: dict[str, dict[str, cpb.CompositeBatchResponse]] = {}
-    services = None
-    channels: list[grpc.Channel] = []
-    try:
-        services = start_services(models_dir, work, spinning)
-        result["settings"] = {
-            "separated": "lipsync-inference (onnx.intra_op_threads=2, server.cpu_workers=1) + lipsync-compositing "
-            "--inference-url, loopback gRPC",
-            "in_process": "lipsync-compositing --in-process --set inference.config=inference.yaml, "
-            "env LIPSYNC_ONNX__INTRA_OP_THREADS=2",
-            "both": "models/compositing.yaml, composite_threads=0 (one per core), jpeg q75, ping_pong, "
-            "models.unet328.preload_backgrounds=true, frames_cache_dir in a temp folder; ORT allow_spinning "
-            "left at its default (true)",
-            "client": "grpc sync channel in the bench process, 2 threads doing blocking calls (2 in flight); "
-            "audio features only ([B,32,16,16] float32), start_frame_idx advancing by the batch per request",
-            "schedule": "in_process, separated, in_process, ... (odd count); each separated block divided by the "
-            "geometric mean of the in_process blocks before and after it; the figure is the median",
-            "server_cpu_ms_per_frame": "CPU of the mode's processes (compositing, plus inference when separated) "
-            "per output frame",
-            "startup_seconds": round(services.startup_seconds, 1),
-        }
-        in_process_log = (services.log_dir / "in_process.log").read_text(errors="replace")
-        result["settings"]["in_process_env_override_warning"] = next(
-            (line.split(": ", 1)[-1] for line in in_process_log.splitlines() if "unknown key" in line), None
-        )
-        stubs = {}
-        for name, proc in services.procs.items():
-            if name != "inference":
-                channels.append(grpc.insecure_channel(proc.address, CHANNEL_OPTIONS))
-                stubs[name] = cpb_grpc.CompositingServiceStub(channels[-1])
-        for model_id in models:
-            plan = SERVICE_PLANS[model_id]
-            common.log(f"services/{model_id}: warm-up, then separated vs in_process (batch {plan.batch})")
-            summary, replies = paired_modes(
-                model_id, plan, services, stubs, "in_process", "separated", plan.block_seconds * scale, plan.blocks
-            )
-            # The same request to both: the frames must be byte-identical (README: the modes agree).
-            same = [
-                stubs[m].InferBatchComposite(composite_request(model_id, plan.batch, 0), timeout=300).composited_frames
-                for m in ("in_process", "separated")
-            ]
-            summary["frames_identical_across_modes"] = list(same[0]) == list(same[1])
-            summary["per_frame_cost_of_separation_ms"] = round(
-                common.per_item_overhead_ms(summary["separated_fps"], summary["in_process_fps"]), 3
-            )
-            result[model_id] = summary
-            samples[model_id] = {m: r[-1] for m, r in replies.items()}
-        result["splicing"] = {}
-        for model_id in models:
-            plan = SERVICE_PLANS[model_id]
-            common.log(f"splicing/{model_id}: separated with output.jpeg_splicing true vs false")
-            summary, _ = paired_modes(
-                model_id,
-                plan,
-                services,
-                stubs,
-                "separated_no_splice",
-                "separated",
-                plan.block_seconds * scale,
-                plan.blocks,
-            )
-            result["splicing"][model_id] = summary
-        if spinning:
-            result["spinning"] = {}
-            for model_id in models:
-                plan = SERVICE_PLANS[model_id]
-                common.log(f"spinning/{model_id}: in_process with ORT allow_spinning true vs false")
-                summary, _ = paired_modes(
-                    model_id,
-                    plan,
-                    services,
-                    stubs,
-                    "in_process",
-                    "in_process_no_spin",
-                    plan.block_seconds * scale * 0.75,
-                    7,
-                )
-                result["spinning"][model_id] = summary
-    finally:
-        for channel in channels:
-            channel.close()
-        if services is not None:
-            result.setdefault("settings", {})["exit_codes"] = services.stop()
-        shutil.rmtree(work, ignore_errors=True)
-    return result, samples
-
-
-# -- 4. bytes per frame --------------------------------------------------------------------------------------
-
-
-def bytes_per_frame(batch: int, samples: dict[str, dict[str, cpb.CompositeBatchResponse]]) -> dict[str, Any]:
-    """Serialized sizes (ByteSize) per frame of the client's request and reply, and of the internal hop."""
-    rng = np.random.default_rng(0)
-    audio = loudness_audio(batch)
-    visual_u8 = rng.integers(0, 256, (batch, *VISUAL_SHAPE), dtype=np.uint8)
-    new = composite_request("demo", batch, 123)
-    old_f32 = cpb.CompositeBatchRequest(
-        model_id="demo",
-        visual_frames=(visual_u8.astype(np.float32) / np.float32(255.0)).tobytes(),
-        audio_features=audio.tobytes(),
-        batch_size=batch,
-        start_frame_idx=123,
-    )
-    uint8 = cpb.CompositeBatchRequest(
-        model_id="demo",
-        visual_frames=visual_u8.tobytes(),
-        visual_dtype=ipb.DTYPE_UINT8,
-        audio_features=audio.tobytes(),
-        audio_features_shape=list(audio.shape),
-        batch_size=batch,
-        start_frame_idx=123,
-    )
-    # What the separated compositing service sends to inference and gets back (inference_client.RemoteInference).
-    hop_request = ipb.InferBatchRequest(
-        model_id="demo",
-        visual_frames=visual_u8.tobytes(),
-        visual_dtype=ipb.DTYPE_UINT8,
-        audio_features=audio.tobytes(),
-        audio_features_shape=list(audio.shape),
-        batch_size=batch,
-        output_dtype=ipb.DTYPE_UINT8,
-    )
-    hop_reply = ipb.InferBatchResponse(
-        outputs=[
-            ipb.RawMouthRegion(data=bytes(int(np.prod(MOUTH_SHAPE))), dtype=ipb.DTYPE_UINT8, shape=list(MOUTH_SHAPE))
-        ]
-        * batch,
-        success=True,
-        inference_time_ms=1.0,
-        device="cpu",
-    )
-    new_size = new.ByteSize() / batch
-    old_size = old_f32.ByteSize() / batch
-    result: dict[str, Any] = {
-        "batch": batch,
-        "request": {
-            "server_built_visuals (audio only)": round(new_size, 1),
-            "old_float32_visuals": round(old_size, 1),
-            "uint8_visuals": round(uint8.ByteSize() / batch, 1),
-            "old_vs_new": round(old_size / new_size, 1),
-        },
-        "response": {},
-        "internal_hop_separated_only": {
-            "InferBatchRequest (uint8 visuals + audio)": round(hop_request.ByteSize() / batch, 1),
-            "InferBatchResponse (uint8 mouths)": round(hop_reply.ByteSize() / batch, 1),
-        },
-    }
-    for model_id, by_mode in samples.items():
-        reply = by_mode.get("in_process") or next(iter(by_mode.values()))
-        frames = len(reply.composited_frames) or 1
-        result["response"][model_id] = {
-            "response_bytes_per_frame": round(reply.ByteSize() / frames, 1),
-            "jpeg_bytes_mean": round(float(np.mean([len(f) for f in reply.composited_frames])), 1),
-        }
-    return result
-
-
 # -- main ----------------------------------------------------------------------------------------------------
 
 
@@ -861,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every timed block's length")
     parser.add_argument(
         "--parts",
-        default="geometry,threads,services,spinning,bytes",
+        default="geometry,threads,services,spinning",
         help="comma-separated subset (spinning needs services)",
     )
     parser.add_argument("--models", default="demo,unet328", help="models for the services part")
@@ -873,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     models_dir = args.models_dir.resolve()
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if unknown := set(models) - set(SERVICE_PLANS):
+    if unknown := set(models) - set(separation.PLANS):
         parser.error(f"--models: unknown {sorted(unknown)}")
     generated = common.ensure_models(models_dir)
     out_path = args.out if args.out.is_absolute() else Path.cwd() / args.out
@@ -905,11 +443,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"threads {label}: {t['fps_threads_1']} -> {t['fps_threads_2']} fps, ratio {t['ratio_2_vs_1']}"
                 )
             del avatar
-    samples: dict = {}
     if "services" in parts:
-        result["services"], samples = bench_services(models_dir, args.scale, models, "spinning" in parts)
-    if "bytes" in parts:
-        result["bytes_per_frame"] = bytes_per_frame(SERVICE_PLANS["demo"].batch, samples)
+        result["services"] = separation.main_comparison(models_dir, models, args.scale)
+    if "spinning" in parts:
+        result["spinning"] = separation.spinning(models_dir, models, args.scale)
     result["summary"] = summarize(result)
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     common.write_result(out_path, result, machine)
@@ -925,16 +462,24 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         summary[f"composite_ratio_full_{label}"] = g["composite_ratio_full"]
     for label, t in result.get("threads", {}).items():
         summary[f"compositor_threads_2_vs_1_{label}"] = t["ratio_2_vs_1"]
-    services = result.get("services", {})
-    for model_id in SERVICE_PLANS:
-        if model_id in services:
-            summary[f"separated_vs_in_process_{model_id}"] = services[model_id]["separated_vs_in_process"]
-    for model_id, s in services.get("splicing", {}).items():
-        summary[f"splicing_on_vs_off_{model_id}"] = s["separated_vs_separated_no_splice"]
-    for model_id, s in services.get("spinning", {}).items():
-        summary[f"in_process_no_spin_vs_spin_{model_id}"] = s["in_process_no_spin_vs_in_process"]
-    if "bytes_per_frame" in result:
-        summary["request_bytes_old_vs_new"] = result["bytes_per_frame"]["request"]["old_vs_new"]
+    for model_id, s in result.get("services", {}).items():
+        if isinstance(s, dict) and "separated_vs_in_process" in s:
+            for key in (
+                "separated_vs_in_process",
+                "separated_cpu_vs_in_process",
+                "server_cpu_ms_per_frame",
+                "server_cpu_ms_per_frame_excluding_model",
+                "hop_request_bytes_per_frame",
+                "hop_response_bytes_per_frame",
+                "splicing_on_vs_off",
+            ):
+                summary[f"{key}_{model_id}"] = s[key]
+    for mode, by_model in result.get("spinning", {}).items():
+        for model_id, s in by_model.items():
+            summary[f"spinning_cpu_ms_per_frame_at_{s['offered_fps']}_fps_{mode}_{model_id}"] = {
+                v: b["server_cpu_ms_per_frame"] for v, b in s["at_offered_load"].items()
+            }
+            summary[f"spinning_max_fps_{mode}_{model_id}"] = {v: b["fps"] for v, b in s["max"].items()}
     return summary
 
 
