@@ -201,6 +201,6 @@ def read_state_dict(path: Path) -> dict[str, np.ndarray]:
     state: dict[str, np.ndarray] = {}
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, np.ndarray):
-            raise ModelImportError(f"{path}: entry {key!r:.80} is a {type(value).__name__}, not a tensor")
+            raise ModelImportError(f"{path}: entry {key!r:.80}: expected a tensor, found {type(value).__name__}")
         state[key] = value
     return state
