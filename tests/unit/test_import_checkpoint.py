@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from torch_format import (
+from synctalk import (
     View,
     global_op,
     random_state,

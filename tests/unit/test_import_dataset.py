@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from synctalk import make_dataset, write_lms
 
 from compositing_service.frames import ImageFolder, check_rects, load_rects
 from model_import import ModelImportError
@@ -18,22 +19,6 @@ from model_import.dataset import crop_rects, load_avatar, pair_files, read_landm
 
 def quiet(_: str) -> None:
     pass
-
-
-def write_lms(path: Path, x1: int, y52: int, x31: int, points: int = 110) -> None:
-    pts = np.random.default_rng(len(str(path))).integers(0, 400, (points, 2))
-    pts[1, 0], pts[52 % points, 1], pts[31 % points, 0] = x1, y52, x31
-    path.write_text("".join(f"{x} {y}\n" for x, y in pts))
-
-
-def make_dataset(root: Path, count: int, size: tuple[int, int] = (320, 240)) -> Path:
-    (root / "full_body_img").mkdir(parents=True)
-    (root / "landmarks").mkdir()
-    for k in range(count):
-        image = np.full((size[1], size[0], 3), k * 10 % 256, np.uint8)
-        cv2.imwrite(str(root / "full_body_img" / f"{k}.jpg"), image)
-        write_lms(root / "landmarks" / f"{k}.lms", 100 + k, 50 + k, 200 + k)
-    return root
 
 
 @settings(max_examples=300, deadline=None)
@@ -74,9 +59,9 @@ def test_avatar_files_load_in_the_compositing_service(tmp_path: Path) -> None:
     folder = ImageFolder(frames_dir)
     check_rects(rects, folder.shape, rects_path)
     assert folder.count == 12 and [p.name for p in folder.files] == [f"{k}.jpg" for k in range(12)]
-    assert rects[0].tolist() == [100, 50, 200, 150]
+    assert rects[0].tolist() == [106, 48, 206, 148]  # x1 = x of point 1, y1 = y of point 52, side x31 - x1
     assert rects[11].tolist() == [250, 200, 320, 240]  # clipped as the slice clips it
-    assert json.loads(rects_path.read_text())[3] == [103, 53, 203, 153]
+    assert json.loads(rects_path.read_text())[3] == [109, 51, 209, 151]
     # Byte-for-byte copies: the service decodes the pixels SyncTalk_2D decodes.
     assert (frames_dir / "7.jpg").read_bytes() == (root / "full_body_img" / "7.jpg").read_bytes()
     assert len(load_avatar(root, 4, quiet).frames) == 4

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from torch_format import random_state, require_fixtures
+from synctalk import random_state, require_fixtures
 
 from model_import.checkpoint import read_state_dict
 from model_import.networks import ENCODER, build_onnx, check_unet, encoder_state

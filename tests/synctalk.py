@@ -1,6 +1,6 @@
-"""Test helpers for torch checkpoints without torch: a writer of torch.save's zip layout, and the fixtures.
+"""Test helpers for SyncTalk_2D inputs without torch: checkpoints in torch.save's zip layout, datasets, fixtures.
 
-The writer assembles the pickle opcode by opcode, as torch.save lays it out (protocol 2, GLOBAL, BINPERSID,
+The checkpoint writer assembles the pickle opcode by opcode, as torch.save lays it out (protocol 2, GLOBAL, BINPERSID,
 _rebuild_tensor_v2 records), so tests can make checkpoints of any content, prefix, storage location or
 wrapper, and crafted hostile pickles, on machines without the SyncTalk_2D fixtures.
 """
@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 
@@ -155,3 +156,27 @@ def random_state(network: str, seed: int = 0) -> dict[str, np.ndarray]:
             fan_in = int(np.prod(shape[1:]))
             state[key] = (rng.standard_normal(shape) * np.sqrt(1.0 / fan_in)).astype(np.float32)
     return state
+
+
+# -- datasets ----------------------------------------------------------------------------------------
+
+
+def write_lms(path: Path, x1: int, y52: int, x31: int, points: int = 110) -> None:
+    """A landmark file whose points 1, 52 and 31 place the crop; the other points are arbitrary."""
+    pts = np.random.default_rng(len(str(path))).integers(0, 400, (points, 2))
+    pts[1, 0], pts[52 % points, 1], pts[31 % points, 0] = x1, y52, x31
+    path.write_text("".join(f"{x} {y}\n" for x, y in pts))
+
+
+def make_dataset(root: Path, count: int, size: tuple[int, int] = (320, 240), rect_side: int = 100) -> Path:
+    """dataset/<name>/full_body_img/<k>.jpg and landmarks/<k>.lms: textured frames, a face rect moving by 1 px."""
+    (root / "full_body_img").mkdir(parents=True)
+    (root / "landmarks").mkdir()
+    width, height = size
+    yy, xx = np.mgrid[0:height, 0:width]
+    for k in range(count):
+        image = np.stack([xx * 255 // width, yy * 255 // height, (xx * 3 + yy * 5 + 20 * k) % 256], -1)
+        cv2.imwrite(str(root / "full_body_img" / f"{k}.jpg"), image.astype(np.uint8))
+        x1, y1 = width // 3 + k, height // 5 + k
+        write_lms(root / "landmarks" / f"{k}.lms", x1, y1, x1 + rect_side)
+    return root
