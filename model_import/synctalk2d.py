@@ -93,8 +93,10 @@ def import_synctalk2d(
     try:
         size = cards.GEOMETRY[variant]["input_size"]
         doc = f"SyncTalk_2D {variant} UNet ('ave') imported from {ckpt.name}; BatchNorm folded."
-        model_path = save_model(networks.build_onnx(variant, state, doc), staging / "model.onnx")
-        del state  # the graph holds its own copy of the weights
+        model = networks.build_onnx(variant, state, doc)
+        del state  # the graph holds its own (folded) copy of the weights: one less model's worth at the peak
+        model_path = save_model(model, staging / "model.onnx")
+        del model
         feeds = {"input": (1, 6, size, size), "audio": (1, 32, 16, 16)}
         _smoke_test(model_path, feeds, (1, 3, size, size))
         progress(f"model.onnx: written ({model_path.stat().st_size / 1e6:.1f} MB), ONNX Runtime runs it")
