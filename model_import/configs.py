@@ -70,9 +70,21 @@ def _header(kind: str, models_root: Path) -> str:
     return "\n".join([*lines, "models:", ""])
 
 
+def _scalar(text: str) -> str:
+    """Plain when YAML reads it back as the same string, else double-quoted (``"160"``, ``"007"``)."""
+    plain = re.fullmatch(r"[A-Za-z0-9_./-]+", text) is not None and yaml.safe_load(text) == text
+    return text if plain else json.dumps(text)
+
+
 def _render_entry(model_id: str, entry: dict[str, Any], indent: str) -> list[str]:
-    text = yaml.safe_dump({model_id: entry}, sort_keys=False, default_flow_style=False)
-    return [indent + line for line in text.splitlines()]
+    lines = [f"{indent}{_scalar(model_id)}:"]
+    for key, value in entry.items():
+        if isinstance(value, str):
+            lines.append(f"{indent}  {_scalar(key)}: {_scalar(value)}")
+        else:  # an operator's own key kept from the old entry
+            dumped = yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=False)
+            lines += [f"{indent}  {line}" for line in dumped.splitlines()]
+    return lines
 
 
 def _is_content(line: str) -> bool:

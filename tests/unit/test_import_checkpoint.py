@@ -275,3 +275,17 @@ def test_big_endian_archives_are_read(tmp_path: Path) -> None:
         zf.writestr("be/byteorder", "big")
         zf.writestr("be/data/0", values.astype(">f4").tobytes())
     np.testing.assert_array_equal(read_state_dict(path)["w"], values)
+
+
+def test_the_package_never_imports_torch(tmp_path: Path) -> None:
+    """torch is no dependency: not in any module of the package, and not loaded by reading a checkpoint."""
+    import re
+    import sys
+
+    import model_import
+
+    package = Path(model_import.__file__).parent
+    for source in package.glob("*.py"):
+        assert not re.search(r"^\s*(import|from)\s+torch\b", source.read_text(), re.MULTILINE), source
+    read_state_dict(write_checkpoint(tmp_path / "w.pth", {"w": np.zeros(2, np.float32)}))
+    assert "torch" not in sys.modules

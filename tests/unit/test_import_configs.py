@@ -46,6 +46,8 @@ def test_160_entries_carry_the_geometry_key(tmp_path: Path) -> None:
         "geometry": "160",
     }
     assert compositing["server"]["plaintext"] is True and inference["server"]["plaintext"] is True
+    for name in ("inference.yaml", "compositing.yaml"):
+        assert '\n    geometry: "160"\n' in (tmp_path / name).read_text()
 
 
 def test_existing_entries_and_comments_survive(tmp_path: Path) -> None:
