@@ -10,7 +10,7 @@ PROTOS := shared_proto/inference.proto shared_proto/compositing.proto
 RUN_PACKAGES := nginx-light
 TEST_PACKAGES := nginx-light docker-compose chromium kubectl
 
-.PHONY: system-deps system-deps-test install proto proto-check lint test test-fast bench bench-inference bench-image-libs bench-compositing bench-cluster bench-stream bench-hardening bench-splice bench-batching soak models demo run clean
+.PHONY: system-deps system-deps-test install proto proto-check lint test test-fast bench bench-inference bench-image-libs bench-compositing bench-cluster bench-stream bench-hardening bench-splice bench-batching bench-import soak models demo run clean
 
 install: $(VENV)/.installed
 
@@ -75,6 +75,11 @@ bench-batching: install
 
 bench-hardening: install
 	$(PY) bench/bench_hardening.py --models-dir $(MODELS_DIR) --out bench/results/hardening.json
+
+# lipsync-import on the SyncTalk_2D 328 fixture (LIPSYNC_SYNCTALK_FIXTURES, default ../shared/fixtures/synctalk2d):
+# time and peak memory; not part of `make bench`, which must run where the fixtures are absent.
+bench-import: install
+	$(PY) bench/import_bench.py --out bench/results/import.json
 
 bench-stream: install
 	$(PY) bench/bench_stream.py --models-dir $(MODELS_DIR) --out bench/results/stream.json

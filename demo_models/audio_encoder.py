@@ -6,6 +6,9 @@ the reference topology gives realistic timing and memory without a checkpoint. I
 (+ identity residual) + ReLU, strides 1, (3,1), 3, (3,2), then a 3x3 valid conv to 512 and a 1x1 conv
 (both also followed by BN + ReLU), and the [N,512,1,1] map flattened to [N,512].
 Mel chunk [N,1,80,16] -> 80x16 -> 27x16 -> 9x6 -> 3x3 -> 1x1.
+
+Block i's conv and BatchNorm are named `<i>.conv_block.0` and `<i>.conv_block.1`, the keys of the
+pretrained encoder file, so `model_import` builds the real encoder from this description.
 """
 
 from __future__ import annotations
@@ -44,27 +47,35 @@ def _block(
     stride: int | tuple[int, int],
     residual: bool,
     gain: float | None = None,
+    index: int = 0,
 ) -> Tensor:
     """relu(bn(conv(x)) [+ x]): the ReLU comes after the residual sum, as in the reference."""
+    names = {"key": f"{index}.conv_block.0", "bn_key": f"{index}.conv_block.1"}
     if not residual:
-        return g.conv(x, cout, 3, stride=stride, pad=1, bias=True, gain=gain)
+        return g.conv(x, cout, 3, stride=stride, pad=1, bias=True, gain=gain, **names)
     # The branch input is post-ReLU, so He gain 2 keeps its scale; a damped BN keeps the sum bounded.
-    y = g.conv(x, cout, 3, stride=stride, pad=1, bias=True, relu=False, gain=2.0, bn_gamma=RESIDUAL_BN_GAMMA)
+    y = g.conv(x, cout, 3, stride=stride, pad=1, bias=True, relu=False, gain=2.0, bn_gamma=RESIDUAL_BN_GAMMA, **names)
     return g.relu(g.add(x, y))
+
+
+def build_encoder(g: GraphBuilder) -> None:
+    """Add the encoder (input `mel`, output `embedding`) to ``g``."""
+    x = g.input("mel", *INPUTS["mel"])
+    for i, (cout, stride, residual) in enumerate(_BLOCKS):
+        x = _block(g, x, cout, stride, residual, gain=FIRST_CONV_GAIN if i == 0 else None, index=i)
+    n = len(_BLOCKS)
+    x = g.conv(x, 512, 3, stride=1, pad=0, bias=True, key=f"{n}.conv_block.0", bn_key=f"{n}.conv_block.1")
+    x = g.conv(x, 512, 1, stride=1, pad=0, bias=True, key=f"{n + 1}.conv_block.0", bn_key=f"{n + 1}.conv_block.1")
+    if (x.h, x.w) != (1, 1):
+        raise AssertionError(f"encoder should reduce the mel chunk to 1x1, got {x.h}x{x.w}")
+    flat = g.node("Flatten", [x.name], axis=1)
+    g.output(flat, "embedding", OUTPUTS["embedding"])
 
 
 def build_audio_encoder_with_stats(seed: int = 0) -> tuple[onnx.ModelProto, LayerStats]:
     """Build the encoder and return it with the param/MAC counts of the unfolded reference model."""
     g = GraphBuilder(seed, "synctalk2d_ave_audio_encoder")
-    x = g.input("mel", *INPUTS["mel"])
-    for i, (cout, stride, residual) in enumerate(_BLOCKS):
-        x = _block(g, x, cout, stride, residual, gain=FIRST_CONV_GAIN if i == 0 else None)
-    x = g.conv(x, 512, 3, stride=1, pad=0, bias=True)
-    x = g.conv(x, 512, 1, stride=1, pad=0, bias=True)
-    if (x.h, x.w) != (1, 1):
-        raise AssertionError(f"encoder should reduce the mel chunk to 1x1, got {x.h}x{x.w}")
-    flat = g.node("Flatten", [x.name], axis=1)
-    g.output(flat, "embedding", OUTPUTS["embedding"])
+    build_encoder(g)
     doc = f"SyncTalk_2D ave audio encoder, random weights (seed {seed}), BatchNorm folded; not trained."
     return g.model(doc), g.stats
 

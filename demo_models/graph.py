@@ -2,7 +2,8 @@
 
 The generated models stand in for trained SyncTalk_2D checkpoints: same topology, same tensor names and
 shapes, same cost, but seeded random weights. Serving code, benchmarks and tests can then run on a machine
-that has no trained checkpoint and no torch.
+that has no trained checkpoint and no torch. Given a ``WeightSource`` instead of a seed, the same topology
+code builds a real model from a checkpoint's tensors (``model_import``), so the architecture is written once.
 
 Why the weights look the way they do:
 - Convs get He-style scaling (std = gain * sqrt(2 / fan_in)) so a forward pass on image-like data keeps
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -57,17 +59,45 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def fold_batchnorm(
+    weight: np.ndarray,
+    bias: np.ndarray,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    eps: float = BN_EPS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-mode BatchNorm after a conv as the conv's own weight and bias, in the inputs' precision."""
+    scale = gamma / np.sqrt(var + var.dtype.type(eps))
+    return weight * scale[:, None, None, None], (bias - mean) * scale + beta
+
+
+class WeightSource(Protocol):
+    """Where a builder takes real weights from, by the module paths of the original network."""
+
+    def conv(
+        self, key: str, shape: tuple[int, int, int, int], bias: bool, bn_key: str | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """float32 weight ``shape`` and bias [cout] of conv ``key``, with BatchNorm ``bn_key`` folded in."""
+        ...
+
+
 def value_info(name: str, shape: Sequence[int | str]) -> onnx.ValueInfoProto:
     """Declare a float32 graph input/output; string dims become symbolic (the dynamic batch)."""
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
 
 
 class GraphBuilder:
-    """Accumulates nodes and initializers; every method returns the new output tensor."""
+    """Accumulates nodes and initializers; every method returns the new output tensor.
 
-    def __init__(self, seed: int, name: str) -> None:
+    With ``weights`` every conv takes its parameters from that source (by ``key``) instead of the seeded RNG.
+    """
+
+    def __init__(self, seed: int, name: str, weights: WeightSource | None = None) -> None:
         self.rng = np.random.default_rng(seed)
         self.name = name
+        self.weights = weights
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.stats = LayerStats()
@@ -114,37 +144,31 @@ class GraphBuilder:
         relu: bool = True,
         gain: float | None = None,
         bn_gamma: float = 1.0,
+        key: str = "",
+        bn_key: str = "",
     ) -> Tensor:
         """Conv2d [+ BatchNorm2d folded] [+ ReLU], counting params and MACs of the unfolded layer.
 
         Weight std is sqrt(2 / fan_in) when a ReLU follows (He) and sqrt(1 / fan_in) when it does not, so
         the second moment of the signal neither grows nor shrinks from block to block. `gain` overrides
         that factor (2 or 1) and `bn_gamma` scales the BN; both only shape the random activations (e.g.
-        damping residual branches), they change neither the cost nor the topology.
+        damping residual branches), they change neither the cost nor the topology. `key` and `bn_key` are
+        the conv's and the BatchNorm's module paths in the original network, used only with ``weights``.
         """
         kh, kw = _pair(k)
         sh, sw = _pair(stride)
         ph, pw = _pair(pad)
         cin_g = x.c // groups
         fan_in = cin_g * kh * kw
-        if gain is None:
-            gain = 2.0 if relu else 1.0
-        std = np.sqrt(gain / fan_in)
-        weight = self.rng.standard_normal((cout, cin_g, kh, kw), dtype=np.float32) * np.float32(std)
-        b = self.rng.uniform(-0.02, 0.02, cout).astype(np.float32) if bias else np.zeros(cout, dtype=np.float32)
         hout = (x.h + 2 * ph - kh) // sh + 1
         wout = (x.w + 2 * pw - kw) // sw + 1
-
-        n_params = weight.size + (cout if bias else 0)
-        if bn:
-            gamma = (bn_gamma * self.rng.uniform(0.9, 1.1, cout)).astype(np.float32)
-            beta = self.rng.normal(0.0, 0.02, cout).astype(np.float32)
-            mean = self.rng.normal(0.0, 0.02, cout).astype(np.float32)
-            var = self.rng.uniform(0.9, 1.1, cout).astype(np.float32)
-            scale = gamma / np.sqrt(var + np.float32(BN_EPS))
-            weight = weight * scale[:, None, None, None]
-            b = (b - mean) * scale + beta
-            n_params += 2 * cout  # gamma and beta are parameters; running stats are buffers
+        n_params = cout * fan_in + (cout if bias else 0) + (2 * cout if bn else 0)  # BN: gamma and beta
+        if self.weights is not None:
+            weight, b = self.weights.conv(key, (cout, cin_g, kh, kw), bias, bn_key if bn else None)
+            if weight.shape != (cout, cin_g, kh, kw) or b.shape != (cout,):
+                raise ValueError(f"{key}: weights {weight.shape} and bias {b.shape} do not fit the layer")
+        else:
+            weight, b = self._random_conv(cout, cin_g, kh, kw, fan_in, bias, bn, relu, gain, bn_gamma)
         self.stats.params += n_params
         self.stats.params_folded += weight.size + cout
         self.stats.macs += cout * hout * wout * fan_in
@@ -164,6 +188,33 @@ class GraphBuilder:
         )
         y = Tensor(out, cout, hout, wout)
         return self.relu(y) if relu else y
+
+    def _random_conv(
+        self,
+        cout: int,
+        cin_g: int,
+        kh: int,
+        kw: int,
+        fan_in: int,
+        bias: bool,
+        bn: bool,
+        relu: bool,
+        gain: float | None,
+        bn_gamma: float,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Seeded weights (and random BN statistics folded in); the draw order is part of the demo's bytes."""
+        if gain is None:
+            gain = 2.0 if relu else 1.0
+        std = np.sqrt(gain / fan_in)
+        weight = self.rng.standard_normal((cout, cin_g, kh, kw), dtype=np.float32) * np.float32(std)
+        b = self.rng.uniform(-0.02, 0.02, cout).astype(np.float32) if bias else np.zeros(cout, dtype=np.float32)
+        if bn:
+            gamma = (bn_gamma * self.rng.uniform(0.9, 1.1, cout)).astype(np.float32)
+            beta = self.rng.normal(0.0, 0.02, cout).astype(np.float32)
+            mean = self.rng.normal(0.0, 0.02, cout).astype(np.float32)
+            var = self.rng.uniform(0.9, 1.1, cout).astype(np.float32)
+            weight, b = fold_batchnorm(weight, b, gamma, beta, mean, var)
+        return weight, b
 
     def relu(self, x: Tensor) -> Tensor:
         return Tensor(self.node("Relu", [x.name]), x.c, x.h, x.w)
