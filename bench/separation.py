@@ -10,6 +10,8 @@ throughput) and at saturation. Splicing on against off rides along.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +20,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 
 from shared_proto import compositing_pb2 as cpb
 from shared_proto import compositing_pb2_grpc as cpb_grpc
@@ -167,25 +168,11 @@ def block_runner(
 
 def bare_model_cpu_ms(models_dir: Path, model: str, batch: int, spinning: bool, seconds: float = 3.0) -> float:
     """CPU per frame of the model's own run: InferenceSession.run with a mode's session options (spinning during
-    runs, or not at all)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = ORT_THREADS
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    options.add_session_config_entry("session.force_spinning_stop", "1")
-    session = ort.InferenceSession(str(models_dir / model / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    feeds = {
-        "input": rng.uniform(0, 1, (batch, 6, 320, 320)).astype(np.float32),
-        "audio": loudness_audio(batch),
-    }
-    for _ in range(3):
-        session.run(None, feeds)
-    meter = Meter({})
-    start = meter.snapshot()
-    done = closed_loop(lambda: session.run(None, feeds), seconds, in_flight=1)
-    used = Meter.used(start, meter.snapshot())
-    return used["bench"] * 1000 / (len(done) * batch)
+    runs, or not at all), in a fresh process so that nothing else of the benchmark's is counted."""
+    command = [sys.executable, "-m", "bench.bare_model", str(models_dir / model / "model.onnx"), str(batch)]
+    command += ["--threads", str(ORT_THREADS), "--seconds", str(seconds)] + (["--spinning"] if spinning else [])
+    done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
+    return float(json.loads(done.stdout)["cpu_ms_per_frame"])
 
 
 def hop_pass(client: Client, frames: int) -> dict[str, float]:

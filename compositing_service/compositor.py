@@ -59,6 +59,10 @@ class EncodeCounts:
     fallbacks: collections.Counter = field(default_factory=collections.Counter)
 
 
+def _run_all(fn: Callable, items: Sequence) -> list:
+    return [fn(item) for item in items]
+
+
 class Compositor:
     def __init__(
         self,
@@ -81,8 +85,16 @@ class Compositor:
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="composite")
 
     async def _map(self, fn: Callable, items: Sequence) -> list:
+        """``fn`` over ``items`` on the pool, in order: one job per thread, each a contiguous run of items (a job
+        per item cost the event loop ~40 us of futures and wake-ups each)."""
+        if not items:
+            return []
         loop = asyncio.get_running_loop()
-        return list(await asyncio.gather(*(loop.run_in_executor(self._pool, fn, item) for item in items)))
+        count = min(self.threads, len(items))
+        bounds = [len(items) * k // count for k in range(count + 1)]
+        chunks = [items[bounds[k] : bounds[k + 1]] for k in range(count)]
+        done = await asyncio.gather(*(loop.run_in_executor(self._pool, _run_all, fn, chunk) for chunk in chunks))
+        return [result for chunk in done for result in chunk]
 
     async def prepare(
         self,

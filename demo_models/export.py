@@ -58,6 +58,9 @@ def render_config(models_root: Path, include_unet328: bool = True) -> str:
         "    model_path: demo/model.onnx",
         "    audio_encoder_path: demo/audio_encoder.onnx",
         "    preload: true",
+        "    # A graph this small: its runs are mostly ORT thread wake-ups, which spinning only makes cost a core",
+        "    # (bench/results/compositing.json, spinning). The real UNets spin during runs (onnx.allow_spinning).",
+        "    allow_spinning: false",
     ]
     if include_unet328:
         lines += [

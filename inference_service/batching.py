@@ -23,11 +23,13 @@ import asyncio
 import collections
 import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from lipsync_protocol.geometry import Geometry
 from service_common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError
 
 from .audio import RawAudio, batch_features
@@ -310,7 +312,7 @@ def run_requests(
     at = 0
     for k, (visual, _, dtype) in enumerate(items):
         if done.errors[k] is None:
-            done.outputs.append(to_output_dtype(out[at : at + len(visual)], dtype))
+            done.outputs.append(to_output_dtype(out[at : at + len(visual)], dtype, owned=True))
             at += len(visual)
         else:
             done.outputs.append(None)
@@ -320,20 +322,55 @@ def run_requests(
 def model_input(model: LipSyncModel, visuals: list[np.ndarray | list[Crop]]) -> np.ndarray | list[Crop]:
     """The forward pass's image input: on the device from held crops when the model builds it there (``prep``),
     else float32 [B, 6, H, W] on the host, each request converted straight into its rows (no per-request float
-    copies to join)."""
+    copies to join).
+
+    Crops are written into the worker's reusable input buffer (``InputBuffers``), whose masked rectangle stays
+    zero from one run to the next: only the real channels and the strips around the mask are written.
+    """
     if model.prep is not None and all(isinstance(v, list) for v in visuals):
         return [crop for v in visuals for crop in v]  # type: ignore[union-attr]
     if len(visuals) == 1 and isinstance(visuals[0], np.ndarray):
         return to_model_input(visuals[0])
-    out = np.empty((sum(len(v) for v in visuals), *model.visual_shape), np.float32)
+    # Only a run of crops alone leaves every frame's mask zero for the next one.
+    crops_only = model.crop_geometry() if all(isinstance(v, list) for v in visuals) else None
+    out, zeroed = _BUFFERS.get((sum(len(v) for v in visuals), *model.visual_shape), crops_only)
     at = 0
     for visual in visuals:
         rows = out[at : at + len(visual)]
         if isinstance(visual, list):
-            fill_from_crops(rows, visual, model.crop_geometry())
+            fill_from_crops(rows, visual, model.crop_geometry(), mask_zeroed=zeroed)
         elif visual.dtype == np.uint8:
             np.divide(visual, np.float32(255.0), out=rows, dtype=np.float32)
         else:
             rows[...] = visual
         at += len(visual)
     return out
+
+
+class InputBuffers:
+    """Each worker thread's float input buffers, by shape (the last few), remembering for which geometry the
+    masked rectangle of every frame is still zero. A buffer is only used by its thread, for one run at a time
+    (ORT reads its inputs during ``run`` and keeps nothing)."""
+
+    KEEP = 4
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, shape: tuple[int, ...], geometry: Geometry | None) -> tuple[np.ndarray, bool]:
+        """A buffer of ``shape`` and whether its mask is already zero for ``geometry`` (None: the caller writes
+        whole inputs, so after this run the mask can no longer be assumed zero)."""
+        buffers: collections.OrderedDict = getattr(self._local, "buffers", None) or collections.OrderedDict()
+        self._local.buffers = buffers
+        found = buffers.pop(shape, None)
+        if found is None:
+            found = [np.empty(shape, np.float32), None]
+        while len(buffers) >= self.KEEP:
+            buffers.popitem(last=False)
+        buffers[shape] = found
+        zeroed = geometry is not None and found[1] == geometry
+        found[1] = geometry  # what the mask will hold after this run, if the run writes crops only
+        return found[0], zeroed
+
+
+_BUFFERS = InputBuffers()

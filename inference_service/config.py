@@ -6,6 +6,7 @@ its dotted key, so a bad deployment fails before it takes traffic.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +52,15 @@ class ModelConfig:
     preferred_gpu: int | None = None
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     geometry: Geometry | None = None  # None: found from the model's input size
+    # ORT's threads spinning during this model's runs (None: onnx.allow_spinning). A tiny model's runs are
+    # mostly thread wake-ups, where spinning only burns a core (docs/decisions/0010).
+    allow_spinning: bool | None = None
+
+    def onnx_for(self, onnx: OnnxConfig) -> OnnxConfig:
+        """The session options of this model: the service's, with its own overrides."""
+        if self.allow_spinning is None:
+            return onnx
+        return dataclasses.replace(onnx, allow_spinning=self.allow_spinning)
 
 
 @dataclass(frozen=True)
@@ -286,6 +296,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: 
             preferred_gpu=None if preferred < 0 else preferred,
             batching=parse_batching(section.section("batching"), batching_defaults),
             geometry=parse_geometry(section) if section.has("geometry") else None,
+            allow_spinning=section.bool("allow_spinning", False) if section.has("allow_spinning") else None,
         )
 
     logging_section = root.section("logging")

@@ -128,17 +128,19 @@ def crops_of(pixels: np.ndarray) -> list[Crop]:
     return [Crop(frame) for frame in pixels]
 
 
-def fill_from_crops(out: np.ndarray, crops: list[Crop], geometry: Geometry) -> None:
+def fill_from_crops(out: np.ndarray, crops: list[Crop], geometry: Geometry, *, mask_zeroed: bool = False) -> None:
     """Write the float model input [n, 6, H, W] for ``crops`` into ``out``: channels 0-2 the real crop / 255 (the
     reference's conversion), 3-5 the same with the mask rectangle zeroed, exactly what a client building all six
-    channels would have sent."""
+    channels would have sent. ``mask_zeroed``: the masked copy's rectangle in ``out`` is zero already (a reused
+    buffer), so only the strips around it are written."""
     scale = np.float32(255.0)
     for row, crop in zip(out, crops, strict=True):
         np.divide(crop.host, scale, out=row[:3], dtype=np.float32)
-    # The mask covers ~92% of the copy: zero it all, then copy only the strips around the mask.
+    # The mask covers ~92% of the copy: zero it (unless it is), then copy only the strips around it.
     x, y, w, h = geometry.mask
     real, masked = out[:, :3], out[:, 3:]
-    masked[...] = 0.0
+    if not mask_zeroed:
+        masked[:, :, y : y + h, x : x + w] = 0.0
     masked[:, :, :y] = real[:, :, :y]
     masked[:, :, y + h :] = real[:, :, y + h :]
     masked[:, :, y : y + h, :x] = real[:, :, y : y + h, :x]

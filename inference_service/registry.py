@@ -101,7 +101,7 @@ class ModelRegistry:
             spec.model_id,
             spec.model_path,
             device,
-            self.config.onnx,
+            spec.onnx_for(self.config.onnx),
             spec.audio_encoder_path,
             max_batch=self.config.max_batch_size,
             geometry=spec.geometry,

@@ -75,10 +75,14 @@ def to_model_input(visual: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(visual, dtype=np.float32)
 
 
-def to_output_dtype(output: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
-    """uint8 outputs are ``(x * 255)`` truncated, the reference's own paste-back conversion."""
-    if np.dtype(dtype) == np.uint8:
-        scaled = np.multiply(output, np.float32(255.0), dtype=np.float32)
-        np.clip(scaled, 0.0, 255.0, out=scaled)
-        return scaled.astype(np.uint8)
-    return output
+def to_output_dtype(output: np.ndarray, dtype: np.dtype | type, *, owned: bool = False) -> np.ndarray:
+    """uint8 outputs are ``(x * 255)`` truncated, the reference's own paste-back conversion.
+
+    Clipping x to [0, 1] first and multiplying straight into uint8 (a C cast, which truncates as ``astype``
+    does) gives the same bytes as scaling, clipping to [0, 255] and casting, with two fewer passes over the
+    float array; ``owned`` says ``output`` may be clipped in place (a run's fresh output).
+    """
+    if np.dtype(dtype) != np.uint8:
+        return output
+    clipped = np.clip(output, 0.0, 1.0, out=output if owned else None)
+    return np.multiply(clipped, np.float32(255.0), out=np.empty(output.shape, np.uint8), casting="unsafe")

@@ -182,3 +182,24 @@ def test_eager_batching_never_delays_a_lone_request_but_grows_while_the_worker_i
     waited = min(r.queue_ms for r in lone)
     assert waited < 5 * min(handover) + 20, (waited, handover)
     assert results[0].batch_frames == 1 and {r.batch_frames for r in results[1:]} == {5}
+
+
+def test_reused_input_buffers_keep_the_mask_zero_only_while_that_is_true(model) -> None:
+    """A worker's buffer is reused run after run; a run that wrote whole inputs (an old client's masked channels)
+    makes the next run of crops write the mask again, and every run's input is the exact one."""
+    from inference_service.batching import model_input
+    from inference_service.inputs import crops_of, fill_from_crops
+    from lipsync_protocol.geometry import DEFAULT
+
+    rng = np.random.default_rng(4)
+    crops = crops_of(rng.integers(0, 256, (2, 3, 320, 320), dtype=np.uint8))
+    expected = np.empty((2, 6, 320, 320), np.float32)
+    fill_from_crops(expected, crops, DEFAULT)
+    whole = rng.integers(0, 256, (1, 6, 320, 320), dtype=np.uint8)  # masked channels full of pixels
+    for visuals in ([crops], [crops], [whole, crops[:1]], [crops], [crops]):
+        built = model_input(model, visuals)
+        if len(visuals) == 1:
+            np.testing.assert_array_equal(built, expected)
+        else:
+            np.testing.assert_array_equal(built[1:], expected[:1])
+            np.testing.assert_array_equal(built[:1], whole / np.float32(255.0))

@@ -85,3 +85,13 @@ def test_in_process_engine_takes_its_own_overrides_not_the_environment(models_di
         engine.core.close()
     with pytest.raises(ConfigError, match=r"inference\.overrides"):
         parse_config({"models_root": str(models_dir), "inference": {"overrides": "x=1"}})
+
+
+def test_an_avatars_geometry_defaults_to_328_and_takes_a_family(models_dir: Path) -> None:
+    from lipsync_protocol.geometry import GEOMETRIES
+
+    config = load_config(models_dir / "compositing.yaml", {"models.unet328.geometry": "160"}, environ={})
+    assert config.models["demo"].geometry == GEOMETRIES["328"]
+    assert config.models["unet328"].geometry == GEOMETRIES["160"]
+    with pytest.raises(ConfigError, match="models.demo.geometry: expected one of"):
+        load_config(models_dir / "compositing.yaml", {"models.demo.geometry": 320}, environ={})

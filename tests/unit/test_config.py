@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,44 @@ def test_max_connection_age_becomes_a_server_option(tmp_path: Path) -> None:
     options = dict(server_options(config.max_message_bytes, config.max_connection_age_s))
     assert options["grpc.max_connection_age_ms"] == 60_000 and options["grpc.max_connection_age_grace_ms"] == 60_000
     assert "grpc.max_connection_age_ms" not in dict(server_options(1 << 20))
+
+
+def test_per_model_geometry_spinning_and_input_cache(tmp_path: Path) -> None:
+    """models.<id>.geometry (a family or a mapping), models.<id>.allow_spinning over onnx.allow_spinning, and
+    capacity.input_cache_mb."""
+    from lipsync_protocol.geometry import GEOMETRIES
+
+    config = load_config(
+        write(tmp_path, OLD_STYLE),
+        {
+            "models.a.geometry": "160",
+            "models.a.allow_spinning": False,
+            "models.b.model_path": "a.onnx",
+            "models.b.geometry": {"base": "328", "mask": [6, 6, 300, 300], "paste_interpolation": "linear"},
+            "capacity.input_cache_mb": 64,
+            "plaintext": True,
+        },
+        environ={},
+    )
+    a, b = config.models["a"], config.models["b"]
+    assert a.geometry == GEOMETRIES["160"] and a.onnx_for(config.onnx).allow_spinning is False
+    assert b.onnx_for(config.onnx) is config.onnx and config.onnx.allow_spinning is True  # inherits
+    assert b.geometry.mask == (6, 6, 300, 300) and b.geometry.paste_interpolation == "linear"
+    assert b.geometry.crop_size == 328 and config.input_cache_bytes == 64 << 20
+    assert config.onnx.spin_between_runs is False  # runs stop their threads spinning when they return
+
+
+@pytest.mark.parametrize(
+    ("geometry", "names"),
+    [
+        ("170", "models.a.geometry: expected one of 328, 160"),
+        ({"mask": [5, 5, 400, 10]}, "does not lie inside"),
+        ({"crop_size": 100}, "smaller than inner"),
+        ({"crop_interpolation": "nearest"}, "models.a.geometry.crop_interpolation"),
+        ({"masks": [1, 1, 1, 1]}, "models.a.geometry.masks: unknown key"),
+        ({"mask": [1, 2, 3]}, "models.a.geometry.mask: expected [x, y, w, h]"),
+    ],
+)
+def test_bad_geometries_name_the_key(tmp_path: Path, geometry, names: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(names)):
+        load_config(write(tmp_path, OLD_STYLE), {"models.a.geometry": geometry, "plaintext": True}, environ={})
