@@ -331,7 +331,7 @@ def bench_threads(avatar: Avatar, batch: int, seconds: float, blocks: int) -> di
         for i in range(count)
     ]
 
-    tile_width = fit_tile_width(frames[0].shape[1], np.array(avatar.rects))
+    tile_width = fit_tile_width(avatar.frames[0].shape[1], np.array(avatar.rects))
 
     def encoder(i: int) -> Callable[[int], SplicedBackground]:
         return lambda quality: cache.encoded("bench", i, frames[i], SpliceSettings(quality, tile_width=tile_width))

@@ -31,18 +31,27 @@ ORT_THREADS = 2
 OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
 AVATAR_FRAMES = 125
 PING_PONG_PERIOD = 2 * (AVATAR_FRAMES - 1)  # positions that show every background frame once each way
+
+
 # ORT's spinning, per variant: key=value overrides of the inference config.
+# (Per model too: a model's own allow_spinning, as the demo config sets for the demo model, would win.)
+def _spinning(allow: bool, between: bool) -> list[str]:
+    return [f"models.{m}.allow_spinning={str(allow).lower()}" for m in ("demo", "unet328")] + [
+        f"onnx.spin_between_runs={str(between).lower()}"
+    ]
+
+
 SPINNING = {
     # spin while a run's parallel sections follow each other, stop when the last run returns
-    "during_runs": ["onnx.allow_spinning=true", "onnx.spin_between_runs=false"],
+    "during_runs": _spinning(True, False),
     # ORT's own default: go on spinning after a run, waiting for the next
-    "between_runs": ["onnx.allow_spinning=true", "onnx.spin_between_runs=true"],
-    "off": ["onnx.allow_spinning=false"],
+    "between_runs": _spinning(True, True),
+    "off": _spinning(False, False),
 }
 
 
-# Whether each mode's ORT threads spin during a run by default (inference_service.config, inference_client).
-MODE_SPINNING = {"in_process": False, "separated": True}
+# Whether each mode's ORT threads spin during a run by default (onnx.allow_spinning).
+MODE_SPINNING = {"in_process": False, "separated": False}
 
 
 @dataclass(frozen=True)
@@ -75,9 +84,11 @@ class Client:
         self._next = 0
         self._lock = threading.Lock()
 
-    def call(self) -> cpb.CompositeBatchResponse:
-        with self._lock:
-            start, self._next = self._next, self._next + self.batch
+    def call(self, start: int | None = None) -> cpb.CompositeBatchResponse:
+        """The next batch of the walk, or the one at ``start``."""
+        if start is None:
+            with self._lock:
+                start, self._next = self._next, self._next + self.batch
         audio = loudness_audio(self.batch, start)
         request = cpb.CompositeBatchRequest(
             model_id=self.model,
@@ -227,7 +238,7 @@ def main_comparison(models_dir: Path, models: list[str], scale: float) -> dict[s
             }
             log(f"splicing/{model}: separated with splicing off against on")
             splicing = paired(run, "separated_no_splice", "separated", 5)
-            same = [clients[m].call().composited_frames for m in ("in_process", "separated")]
+            same = [clients[m].call(start=40).composited_frames for m in ("in_process", "separated")]
             out[model] = {
                 "batch_size": plan.batch,
                 "in_flight": 2,

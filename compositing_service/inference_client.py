@@ -388,9 +388,8 @@ class InProcessInference:
         from inference_service.core import InferenceCore
 
         assert config.inference_config is not None
-        # The engine shares this process's cores with compositing, where ORT's spinning threads cost
-        # throughput (bench/README.md); the environment is this service's, so it is not applied here.
-        overrides = ["onnx.allow_spinning=false", *config.inference_overrides]
+        # The environment is this service's, so it is not applied to the engine's config: overrides only.
+        overrides = list(config.inference_overrides)
         self.core = InferenceCore(load_inference_config(config.inference_config, overrides, environ={}, serving=False))
         self.description = f"in-process ({config.inference_config.name})"
         self.hop = HopStats()  # no bytes cross in process; calls, frames and inputs are counted

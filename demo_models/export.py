@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 
 from demo_models import audio_encoder, avatar, talking, unet328
+from lipsync_protocol.geometry import GEOMETRIES
 
 CONFIG_NAME = "inference.yaml"
 COMPOSITING_CONFIG_NAME = "compositing.yaml"
@@ -58,9 +59,11 @@ def render_config(models_root: Path, include_unet328: bool = True) -> str:
         "    model_path: demo/model.onnx",
         "    audio_encoder_path: demo/audio_encoder.onnx",
         "    preload: true",
-        "    # A graph this small: its runs are mostly ORT thread wake-ups, which spinning only makes cost a core",
-        "    # (bench/results/compositing.json, spinning). The real UNets spin during runs (onnx.allow_spinning).",
-        "    allow_spinning: false",
+        "  demo160:  # the same demo for the 160 family's geometry (a 168 crop, inner 160, bilinear)",
+        "    model_path: demo160/model.onnx",
+        "    audio_encoder_path: demo/audio_encoder.onnx",
+        '    geometry: "160"',
+        "    preload: false",
     ]
     if include_unet328:
         lines += [
@@ -100,8 +103,9 @@ def render_compositing_config(models_root: Path, include_unet328: bool = True) -
         "  frame_order: ping_pong",
         "models:",
     ]
-    entries = [("demo", "true")] + ([("unet328", "false")] if include_unet328 else [])
-    for name, preload in entries:
+    entries = [("demo", "true", ""), ("demo160", "false", '"160"')]
+    entries += [("unet328", "false", "")] if include_unet328 else []
+    for name, preload, geometry in entries:
         lines += [
             f"  {name}:",
             f"    model_path: {name}/model.onnx",
@@ -109,7 +113,7 @@ def render_compositing_config(models_root: Path, include_unet328: bool = True) -
             f"    crop_rects_path: {AVATAR_RECTS}",
             f"    num_frames: {avatar.NUM_FRAMES}",
             f"    preload_backgrounds: {preload}",
-        ]
+        ] + ([f"    geometry: {geometry}"] if geometry else [])
     return "\n".join(lines) + "\n"
 
 
@@ -128,6 +132,10 @@ def write_all(out_dir: Path, seed: int = 0, include_unet328: bool = True, includ
     result["demo"] = {
         "model_path": str(save_model(talking.build_demo(seed), demo_dir / "model.onnx")),
         "audio_encoder_path": str(save_model(talking.build_demo_audio_encoder(seed), demo_dir / "audio_encoder.onnx")),
+    }
+    geometry160 = GEOMETRIES["160"]
+    result["demo160"] = {
+        "model_path": str(save_model(talking.build_demo(seed, geometry160), out_dir / "demo160" / "model.onnx"))
     }
 
     if include_unet328:

@@ -27,11 +27,14 @@ returned unchanged. Only elementwise ONNX ops on constant coordinate maps, no lo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from demo_models.graph import BATCH, make_model, value_info
+from lipsync_protocol.geometry import GEOMETRIES, Geometry
 
 IMAGE_SIZE = 320
 MOUTH_CENTER = (160, 212)  # (x, y) in the 320x320 model crop
@@ -50,33 +53,65 @@ def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(np.ascontiguousarray(array), name)
 
 
-def mouth_alpha(loudness: np.ndarray | float) -> np.ndarray:
-    """NumPy twin of the graph's mouth mask, [B,1,320,320]: for tests and for code that must agree."""
+@dataclass(frozen=True)
+class Mouth:
+    """Where the demo generator draws the mouth in its input crop: the 328 family's numbers above, or their image
+    in another family's crop of the same face rectangle (a 160 model's inner 160 of a 168 crop)."""
+
+    size: int = IMAGE_SIZE
+    center: tuple[float, float] = MOUTH_CENTER
+    half_width: float = MOUTH_HALF_WIDTH
+    max_half_height: float = MOUTH_MAX_HALF_HEIGHT
+
+    @classmethod
+    def for_geometry(cls, geometry: Geometry) -> Mouth:
+        if geometry.input_size == IMAGE_SIZE:
+            return cls()
+        base = GEOMETRIES["328"]
+        k = geometry.crop_size / base.crop_size  # the same rectangle, resized to the other crop
+
+        def image(v: float) -> float:
+            return (v + base.inner + 0.5) * k - 0.5 - geometry.inner
+
+        return cls(
+            geometry.input_size,
+            (image(MOUTH_CENTER[0]), image(MOUTH_CENTER[1])),
+            MOUTH_HALF_WIDTH * k,
+            MOUTH_MAX_HALF_HEIGHT * k,
+        )
+
+
+def mouth_alpha(loudness: np.ndarray | float, mouth: Mouth = Mouth()) -> np.ndarray:
+    """NumPy twin of the graph's mouth mask, [B,1,S,S]: for tests and for code that must agree."""
     lo = np.clip(np.asarray(loudness, dtype=np.float32).reshape(-1, 1, 1, 1), 0.0, 1.0)
-    cols, rows = _coordinate_maps()
-    half_h = lo * np.float32(MOUTH_MAX_HALF_HEIGHT)
+    cols, rows = _coordinate_maps(mouth)
+    half_h = lo * np.float32(mouth.max_half_height)
     return np.clip((half_h * cols - rows) / np.float32(EDGE_PX), 0.0, 1.0)
 
 
-def _coordinate_maps() -> tuple[np.ndarray, np.ndarray]:
+def _coordinate_maps(mouth: Mouth = Mouth()) -> tuple[np.ndarray, np.ndarray]:
     """sqrt(1 - u^2) per column (u = dx / half-width) and |dy| per row, broadcastable to [1,1,H,W].
 
     The ellipse's half-height at column x is half_h * sqrt(1 - u^2); a pixel is inside by
     (that - |dy|) px, which becomes the blend weight after scaling by the edge width. This form never
     divides by the half-height, so loudness 0 is well defined (weight 0 everywhere).
     """
-    cx, cy = MOUTH_CENTER
-    x = np.arange(IMAGE_SIZE, dtype=np.float32)
-    u = (x - np.float32(cx)) / np.float32(MOUTH_HALF_WIDTH)
-    cols = np.sqrt(np.clip(1.0 - u * u, 0.0, None)).astype(np.float32).reshape(1, 1, 1, IMAGE_SIZE)
-    rows = np.abs(x - np.float32(cy)).astype(np.float32).reshape(1, 1, IMAGE_SIZE, 1)
+    cx, cy = mouth.center
+    size = mouth.size
+    x = np.arange(size, dtype=np.float32)
+    u = (x - np.float32(cx)) / np.float32(mouth.half_width)
+    cols = np.sqrt(np.clip(1.0 - u * u, 0.0, None)).astype(np.float32).reshape(1, 1, 1, size)
+    rows = np.abs(x - np.float32(cy)).astype(np.float32).reshape(1, 1, size, 1)
     return cols, rows
 
 
-def build_demo(seed: int = 0) -> onnx.ModelProto:
-    """The demo generator; `seed` is accepted for a uniform builder API and has no effect."""
+def build_demo(seed: int = 0, geometry: Geometry = GEOMETRIES["328"]) -> onnx.ModelProto:
+    """The demo generator for a family's input size (320, or 160 for the 160 family); `seed` is accepted for a
+    uniform builder API and has no effect."""
     del seed
-    cols, rows = _coordinate_maps()
+    mouth = Mouth.for_geometry(geometry)
+    size = mouth.size
+    cols, rows = _coordinate_maps(mouth)
     inits = [
         _init("ch_start", np.array([2 * CENTER_EMBEDDING], dtype=np.int64)),
         _init("ch_end", np.array([2 * CENTER_EMBEDDING + 2], dtype=np.int64)),
@@ -85,7 +120,7 @@ def build_demo(seed: int = 0) -> onnx.ModelProto:
         _init("axis_c", np.array([1], dtype=np.int64)),
         _init("zero", np.array(0.0, dtype=np.float32)),
         _init("one", np.array(1.0, dtype=np.float32)),
-        _init("max_half_height", np.array(MOUTH_MAX_HALF_HEIGHT, dtype=np.float32)),
+        _init("max_half_height", np.array(mouth.max_half_height, dtype=np.float32)),
         _init("inv_edge", np.array(1.0 / EDGE_PX, dtype=np.float32)),
         _init("ellipse_cols", cols),
         _init("abs_dy", rows),
@@ -110,8 +145,8 @@ def build_demo(seed: int = 0) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "talking_demo",
-        [value_info("input", [BATCH, 6, IMAGE_SIZE, IMAGE_SIZE]), value_info("audio", [BATCH, 32, 16, 16])],
-        [value_info("output", [BATCH, 3, IMAGE_SIZE, IMAGE_SIZE])],
+        [value_info("input", [BATCH, 6, size, size]), value_info("audio", [BATCH, 32, 16, 16])],
+        [value_info("output", [BATCH, 3, size, size])],
         initializer=inits,
     )
     return make_model(graph, "Demo talking model: reference crop with a loudness-driven dark mouth.")

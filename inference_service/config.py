@@ -52,8 +52,7 @@ class ModelConfig:
     preferred_gpu: int | None = None
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     geometry: Geometry | None = None  # None: found from the model's input size
-    # ORT's threads spinning during this model's runs (None: onnx.allow_spinning). A tiny model's runs are
-    # mostly thread wake-ups, where spinning only burns a core (docs/decisions/0010).
+    # ORT's threads spinning during this model's runs (None: onnx.allow_spinning).
     allow_spinning: bool | None = None
 
     def onnx_for(self, onnx: OnnxConfig) -> OnnxConfig:
@@ -68,10 +67,11 @@ class OnnxConfig:
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     graph_optimization: str = "all"
-    # ORT's intra-op threads spin between parallel sections (its default). Turning it off
-    # frees cores for other work but costs a wake-up per op: unet328 through the service
-    # fell from 0.98 to 0.86 of bare here (docs/decisions/0004).
-    allow_spinning: bool = True
+    # ORT's intra-op threads may spin between a run's parallel sections instead of sleeping. Measured on 2 shared
+    # cores (docs/decisions/0010), spinning cost more CPU per frame at equal load than it saved in latency for
+    # the demo graph (15-20%) and for unet328 (2-3% in 2 runs of 3), in both modes: off by default. It can be
+    # turned on for the service or per model (models.<id>.allow_spinning) where cores are not shared.
+    allow_spinning: bool = False
     # ... and by ORT's default they go on spinning after a run ends, waiting for the next one: a core burnt
     # between requests. False stops them when the last concurrent run returns (docs/decisions/0010).
     spin_between_runs: bool = False
@@ -244,7 +244,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: 
         inter_op_threads=onnx.int("inter_op_threads", 1, minimum=0),
         graph_optimization=onnx.str("graph_optimization", "all", choices=["disable", "basic", "extended", "all"])
         or "all",
-        allow_spinning=onnx.bool("allow_spinning", True),
+        allow_spinning=onnx.bool("allow_spinning", False),
         spin_between_runs=onnx.bool("spin_between_runs", False),
         cudnn_conv_algo_search=onnx.str(
             "cudnn_conv_algo_search", "HEURISTIC", choices=["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]

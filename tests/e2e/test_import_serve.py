@@ -1,10 +1,11 @@
-"""An imported 328 model served by both services: frames equal SyncTalk_2D's inference written out here.
+"""Imported 328 and 160 models served by both services: frames equal SyncTalk_2D's inference written out here.
 
 The test makes a small dataset (8 frames 640x480, landmark files of 110 points), imports a genuine
 checkpoint (the fixture when present, else one written here with random weights), starts the inference and
 compositing servers on the configs the import wrote, and compares the PNG frames they return with a
-reference composite computed from the facts: landmark crop by numpy slice, INTER_CUBIC to 328, inner 320,
-mask, the ONNX model on the same audio features, truncation to uint8, INTER_CUBIC back over the slice.
+reference composite computed from the facts: landmark crop by numpy slice, resized to the family's crop (328
+bicubic, 168 bilinear), the inner 320 or 160, the mask, the ONNX model on the same audio features, truncation
+to uint8, resized back over the slice the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ from model_import.cli import main
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc, inference_pb2
 
-pytestmark = pytest.mark.slow  # the full-size 328 UNet
+pytestmark = pytest.mark.slow  # the full-size UNets
+# The facts of each family's inference script (inference_328.py, inference.py), independent of our code.
+FAMILIES = {
+    "328": {"crop": 328, "inner": 320, "mask": (5, 5, 310, 305), "resize": cv2.INTER_CUBIC},
+    "160": {"crop": 168, "inner": 160, "mask": (5, 5, 150, 145), "resize": cv2.INTER_LINEAR},
+}
 SPEECH = Path(__file__).resolve().parents[1] / "data" / "speech_16k.wav"
 OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
 FRAMES, WIDTH, HEIGHT = 8, 640, 480
@@ -55,21 +61,27 @@ def make_dataset(root: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module", params=["328", "160"])
+def variant(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def imported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def imported(tmp_path_factory: pytest.TempPathFactory, variant: str) -> tuple[Path, Path]:
     """(models folder, dataset): the import run by its CLI, from a checkpoint folder as a trainer leaves it."""
-    root = tmp_path_factory.mktemp("import")
+    root = tmp_path_factory.mktemp(f"import{variant}")
     dataset = make_dataset(root / "dataset" / "alice")
     run_dir = root / "checkpoint" / "alice"
     run_dir.mkdir(parents=True)
     fixtures = fixtures_dir()
-    if (fixtures / "unet328_randbn.pth").is_file():
-        (run_dir / "99.pth").write_bytes((fixtures / "unet328_randbn.pth").read_bytes())
+    if (fixtures / f"unet{variant}_randbn.pth").is_file():
+        (run_dir / "99.pth").write_bytes((fixtures / f"unet{variant}_randbn.pth").read_bytes())
         encoder = fixtures / "audio_encoder_randbn.pth"
     else:
-        write_checkpoint(run_dir / "99.pth", random_state("328", seed=9), location="cuda:0")
+        write_checkpoint(run_dir / "99.pth", random_state(variant, seed=9), location="cuda:0")
         encoder = write_checkpoint(root / "audio_visual_encoder.pth", random_state("audio_encoder", seed=9))
-    write_checkpoint(run_dir / "4.pth", random_state("160"))  # an earlier epoch: not the one taken
+    other = "160" if variant == "328" else "328"
+    write_checkpoint(run_dir / "4.pth", random_state(other))  # an earlier epoch: not the one taken
     models = root / "models"
     args = ["synctalk2d", "--checkpoint", str(run_dir), "--dataset", str(dataset), "--name", "alice"]
     assert main([*args, "--models-dir", str(models), "--audio-encoder", str(encoder)]) == 0
@@ -105,8 +117,12 @@ def decode(data: bytes) -> np.ndarray:
     return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
 
 
-def reference_frames(models: Path, dataset: Path, indices: list[int], windows: np.ndarray) -> list[np.ndarray]:
-    """SyncTalk_2D's inference_328 steps, frame by frame, from the dataset's own files."""
+def reference_frames(
+    models: Path, dataset: Path, indices: list[int], windows: np.ndarray, variant: str
+) -> list[np.ndarray]:
+    """SyncTalk_2D's inference steps for the family, frame by frame, from the dataset's own files."""
+    family = FAMILIES[variant]
+    size, inner, resize = family["crop"], family["inner"], family["resize"]
     unet = ort.InferenceSession(str(models / "alice" / "model.onnx"), providers=["CPUExecutionProvider"])
     frames, crops, places, inputs = [], [], [], []
     for index in indices:
@@ -116,9 +132,9 @@ def reference_frames(models: Path, dataset: Path, indices: list[int], windows: n
         ymax = ymin + (xmax - xmin)
         crop = frame[ymin:ymax, xmin:xmax]
         h, w = crop.shape[:2]
-        crop = cv2.resize(crop, (328, 328), interpolation=cv2.INTER_CUBIC)
-        real = crop[4:324, 4:324].copy()
-        masked = cv2.rectangle(real.copy(), (5, 5, 310, 305), (0, 0, 0), -1)
+        crop = cv2.resize(crop, (size, size), interpolation=resize)
+        real = crop[4 : 4 + inner, 4 : 4 + inner].copy()
+        masked = cv2.rectangle(real.copy(), family["mask"], (0, 0, 0), -1)
         inputs.append(np.concatenate([real.transpose(2, 0, 1), masked.transpose(2, 0, 1)]).astype(np.float32) / 255.0)
         frames.append(frame)
         crops.append(crop)
@@ -126,13 +142,13 @@ def reference_frames(models: Path, dataset: Path, indices: list[int], windows: n
     (preds,) = unet.run(None, {"input": np.stack(inputs), "audio": windows})
     out = []
     for frame, crop, pred, (ymin, ymax, xmin, xmax, w, h) in zip(frames, crops, preds, places, strict=True):
-        crop[4:324, 4:324] = np.array(pred.transpose(1, 2, 0) * 255, dtype=np.uint8)
-        frame[ymin:ymax, xmin:xmax] = cv2.resize(crop, (w, h), interpolation=cv2.INTER_CUBIC)
+        crop[4 : 4 + inner, 4 : 4 + inner] = np.array(pred.transpose(1, 2, 0) * 255, dtype=np.uint8)
+        frame[ymin:ymax, xmin:xmax] = cv2.resize(crop, (w, h), interpolation=resize)
         out.append(frame)
     return out
 
 
-def test_served_frames_equal_the_reference_composite(servers, imported: tuple[Path, Path]) -> None:
+def test_served_frames_equal_the_reference_composite(servers, imported: tuple[Path, Path], variant: str) -> None:
     models, dataset = imported
     pcm = speech_pcm()
     encoder = ort.InferenceSession(str(models / "alice" / "audio_encoder.onnx"), providers=["CPUExecutionProvider"])
@@ -166,7 +182,7 @@ def test_served_frames_equal_the_reference_composite(servers, imported: tuple[Pa
         assert (listed.frame_width, listed.frame_height, listed.num_frames) == (WIDTH, HEIGHT, FRAMES)
     indices = list(response.frame_indices)
     assert indices == [3, 4, 5, 6, 7, 6, 5, 4, 3, 2]
-    expected = reference_frames(models, dataset, indices, windows)
+    expected = reference_frames(models, dataset, indices, windows, variant)
     for got_png, speech_png, want, index in zip(
         response.composited_frames, speech.composited_frames, expected, indices, strict=True
     ):

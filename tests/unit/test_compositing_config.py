@@ -93,5 +93,5 @@ def test_an_avatars_geometry_defaults_to_328_and_takes_a_family(models_dir: Path
     config = load_config(models_dir / "compositing.yaml", {"models.unet328.geometry": "160"}, environ={})
     assert config.models["demo"].geometry == GEOMETRIES["328"]
     assert config.models["unet328"].geometry == GEOMETRIES["160"]
-    with pytest.raises(ConfigError, match="models.demo.geometry: expected one of"):
+    with pytest.raises(ConfigError, match=r"models\.demo\.geometry: expected one of"):
         load_config(models_dir / "compositing.yaml", {"models.demo.geometry": 320}, environ={})

@@ -164,7 +164,7 @@ def test_per_model_geometry_spinning_and_input_cache(tmp_path: Path) -> None:
         write(tmp_path, OLD_STYLE),
         {
             "models.a.geometry": "160",
-            "models.a.allow_spinning": False,
+            "models.a.allow_spinning": True,
             "models.b.model_path": "a.onnx",
             "models.b.geometry": {"base": "328", "mask": [6, 6, 300, 300], "paste_interpolation": "linear"},
             "capacity.input_cache_mb": 64,
@@ -173,8 +173,8 @@ def test_per_model_geometry_spinning_and_input_cache(tmp_path: Path) -> None:
         environ={},
     )
     a, b = config.models["a"], config.models["b"]
-    assert a.geometry == GEOMETRIES["160"] and a.onnx_for(config.onnx).allow_spinning is False
-    assert b.onnx_for(config.onnx) is config.onnx and config.onnx.allow_spinning is True  # inherits
+    assert a.geometry == GEOMETRIES["160"] and a.onnx_for(config.onnx).allow_spinning is True
+    assert b.onnx_for(config.onnx) is config.onnx and config.onnx.allow_spinning is False  # inherits the default
     assert b.geometry.mask == (6, 6, 300, 300) and b.geometry.paste_interpolation == "linear"
     assert b.geometry.crop_size == 328 and config.input_cache_bytes == 64 << 20
     assert config.onnx.spin_between_runs is False  # runs stop their threads spinning when they return

@@ -98,13 +98,35 @@ def test_cli_writes_all_files_and_a_parsable_config(models_dir: Path) -> None:
     assert info["outputs"]["output"]["shape"] == ["batch", 3, 320, 320]
 
 
-def test_skip_unet328_writes_demo_only_and_config_lists_only_demo(tmp_path: Path) -> None:
+def test_skip_unet328_writes_the_demos_only_and_config_lists_only_them(tmp_path: Path) -> None:
     result = write_all(tmp_path, seed=3, include_unet328=False)
     assert not (tmp_path / "unet328").exists()
     assert "unet328" not in result
     cfg = yaml.safe_load((tmp_path / "inference.yaml").read_text())
-    assert list(cfg["models"]) == ["demo"]
-    assert (tmp_path / cfg["models"]["demo"]["model_path"]).is_file()
+    assert list(cfg["models"]) == ["demo", "demo160"]
+    assert all((tmp_path / m["model_path"]).is_file() for m in cfg["models"].values())
+    assert cfg["models"]["demo160"]["geometry"] == "160"  # a string: the family's name
+
+
+def test_the_160_demo_draws_its_mouth_where_the_328_demo_does(tmp_path: Path) -> None:
+    """The same face rectangle cropped for each family: the 160 model's mouth lands on the 328 model's."""
+    from demo_models.talking import Mouth
+    from lipsync_protocol.geometry import GEOMETRIES
+
+    small = Mouth.for_geometry(GEOMETRIES["160"])
+    assert small.size == 160
+    to_rect = [(v + 4 + 0.5) / 328 for v in Mouth().center]  # 328 crop: inner offset 4, to [0, 1] of the rect
+    back = [(v + 4 + 0.5) / 168 for v in small.center]
+    assert np.allclose(to_rect, back)
+    session = ort.InferenceSession(
+        build_demo(0, GEOMETRIES["160"]).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    audio = np.zeros((1, 32, 16, 16), np.float32)
+    audio[:, 16:18] = 1.0
+    visual = np.full((1, 6, 160, 160), 0.8, np.float32)
+    (out,) = session.run(None, {"input": visual, "audio": audio})
+    cx, cy = (round(v) for v in small.center)
+    assert out.shape == (1, 3, 160, 160) and out[0, :, cy, cx].max() < 0.3 and out[0, :, 5, 5].min() > 0.79
 
 
 @pytest.mark.parametrize(
