@@ -223,6 +223,7 @@ class Playout:
             return
         info = {
             "frame": frame.frame_index,
+            "background": frame.background_index,
             "speech": frame.speech,
             "utterance": frame.utterance,
             "utterance_frame": frame.utterance_frame,
@@ -230,7 +231,9 @@ class Playout:
             "mic_pos": position,
             "arrived_at": arrived,
         }
-        quiet = not frame.speech or float(np.sqrt(np.mean(np.square(audio)))) < self.quiet_rms
+        rms = float(np.sqrt(np.mean(np.square(audio))))
+        info["level_db"] = round(20 * np.log10(rms), 1) if rms > 0 else None
+        quiet = not frame.speech or rms < self.quiet_rms
         self.buffer.append(Entry(frame.image, audio, info, frame.speech, time.monotonic(), quiet))
         self._first.set()
 
@@ -303,8 +306,9 @@ class Playout:
             info = {**info, "n": n, "pts": n * VIDEO_TICKS, "buffer": len(self.buffer)}
             tick = Tick(video, self._audio_frames(audio, n), info, due)
             self.video.queue.put_nowait(tick)
-            for frame in tick.audio:
-                self.audio.queue.put_nowait(frame)
+            loop = asyncio.get_running_loop()
+            for i, frame in enumerate(tick.audio):  # each 20 ms packet when its time comes: RTCP SR stays true
+                loop.call_later(i * OPUS_FRAME / OUT_RATE, self.audio.queue.put_nowait, frame)
             self.stats.ticks += 1
             n += 1
 

@@ -361,7 +361,17 @@ class PeerManager:
         self.peers.pop(peer.id, None)
 
     def health(self) -> dict[str, Any]:
-        return {"active": len(self.peers), "max": self.config.max_peers, "total": self.total, "refused": self.refused}
+        servers = [
+            {k: v for k, v in {"urls": s.urls, "username": s.username, "credential": s.credential}.items() if v}
+            for s in self.config.ice_servers
+        ]  # the page's RTCPeerConnection needs the same ones
+        return {
+            "active": len(self.peers),
+            "max": self.config.max_peers,
+            "total": self.total,
+            "refused": self.refused,
+            "ice_servers": servers,
+        }
 
     async def offer(self, request: web.Request) -> web.Response:
         try:
