@@ -187,6 +187,8 @@ class Playout:
         self._resampler = soxr.ResampleStream(IN_RATE, OUT_RATE, 1, dtype="float32")
         self._out = np.zeros(0, np.float32)  # resampled audio not yet sent
         self._last_jpeg: bytes | None = None
+        self._held: asyncio.TimerHandle | None = None
+        self._pending_audio: list[av.AudioFrame] = []
         self._first = asyncio.Event()
         self.accepting = False  # frames before the peer connects are dropped: nobody sees them
         self.speaking = False  # an utterance is open: its stall must drain the buffer, not be filled in
@@ -306,11 +308,26 @@ class Playout:
             info = {**info, "n": n, "pts": n * VIDEO_TICKS, "buffer": len(self.buffer)}
             tick = Tick(video, self._audio_frames(audio, n), info, due)
             self.video.queue.put_nowait(tick)
-            loop = asyncio.get_running_loop()
-            for i, frame in enumerate(tick.audio):  # each 20 ms packet when its time comes: RTCP SR stays true
-                loop.call_later(i * OPUS_FRAME / OUT_RATE, self.audio.queue.put_nowait, frame)
+            self._queue_audio(tick.audio)
             self.stats.ticks += 1
             n += 1
+
+    def _queue_audio(self, frames: list[av.AudioFrame]) -> None:
+        """Each 20 ms packet when its time comes (so the RTCP sender reports stay true), in order: a tick that
+        comes early (catching up) first releases what the previous one still held."""
+        if self._held is not None:
+            self._held.cancel()
+            self._release()
+        self.audio.queue.put_nowait(frames[0])
+        self._pending_audio = list(frames[1:])
+        if self._pending_audio:
+            self._held = asyncio.get_running_loop().call_later(OPUS_FRAME / OUT_RATE, self._release)
+
+    def _release(self) -> None:
+        self._held = None
+        for frame in self._pending_audio:
+            self.audio.queue.put_nowait(frame)
+        self._pending_audio = []
 
     def sent(self, tick: Tick, rtp: int | None) -> None:
         """The video encoder took ``tick``: stamp it and report it on the data channel."""
