@@ -163,8 +163,10 @@ class PlayoutStats:
     skipped: int = 0  # idle or quiet frames skipped to bring the buffer back to its depth
     repeated: int = 0  # idle pictures shown twice to deepen the buffer
     late_sends: int = 0  # ticks the encoder took more than a period after they were due
+    shed: int = 0  # ticks not encoded at all because a newer one was waiting (an overloaded encoder)
     dropped: int = 0  # frames of interrupted utterances
     latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))
+    send_lag_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))  # due -> encoder
 
 
 class Playout:
@@ -334,6 +336,7 @@ class Playout:
         now_mono, now = time.monotonic(), time.time()
         late = now_mono - tick.due > PERIOD
         self.stats.late_sends += late
+        self.stats.send_lag_ms.append((now_mono - tick.due) * 1000)
         info = {**tick.info, "type": "frame", "sent_at": now, "late": late}
         if rtp is not None:
             info["rtp"] = rtp
@@ -367,6 +370,9 @@ class VideoOut(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         tick = await self.queue.get()
+        while not self.queue.empty():  # the encoder fell behind: send the newest picture, not a backlog
+            self.playout.stats.shed += 1
+            tick = self.queue.get_nowait()
         self.playout.sent(tick, self._rtp(tick.info["n"]))
         return tick.video
 
