@@ -370,7 +370,7 @@ class VideoOut(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         tick = await self.queue.get()
-        while not self.queue.empty():  # the encoder fell behind: send the newest picture, not a backlog
+        while self.queue.qsize() > 2:  # the encoder fell behind by > 3 frames: skip to the newest, not a backlog
             self.playout.stats.shed += 1
             tick = self.queue.get_nowait()
         self.playout.sent(tick, self._rtp(tick.info["n"]))
