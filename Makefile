@@ -10,7 +10,7 @@ PROTOS := shared_proto/inference.proto shared_proto/compositing.proto
 RUN_PACKAGES := nginx-light
 TEST_PACKAGES := nginx-light docker-compose chromium kubectl
 
-.PHONY: system-deps system-deps-test install proto proto-check lint test test-fast bench bench-inference bench-image-libs bench-compositing bench-cluster bench-stream bench-hardening bench-splice bench-batching bench-import soak models demo run clean
+.PHONY: system-deps system-deps-test install proto proto-check lint test test-fast bench bench-inference bench-image-libs bench-compositing bench-cluster bench-stream bench-hardening bench-splice bench-batching bench-import bench-webrtc soak models demo run clean
 
 install: $(VENV)/.installed
 
@@ -53,7 +53,7 @@ test-fast: install proto
 models: install
 	$(VENV)/bin/lipsync-models --out $(MODELS_DIR)
 
-bench: bench-inference bench-image-libs bench-compositing bench-splice bench-cluster bench-stream bench-hardening bench-batching
+bench: bench-inference bench-image-libs bench-compositing bench-splice bench-cluster bench-stream bench-hardening bench-batching bench-webrtc
 
 bench-inference: install
 	$(PY) bench/bench_inference.py --models-dir $(MODELS_DIR) --out bench/results/inference.json
@@ -72,6 +72,10 @@ bench-splice: install
 
 bench-batching: install
 	$(PY) bench/bench_batching.py --models-dir $(MODELS_DIR) --out bench/results/batching.json
+
+# WebRTC gateway: mouth-to-frame latency, gateway CPU per frame by step, peers per process -> bench/results/webrtc.json
+bench-webrtc: system-deps install
+	$(PY) bench/bench_webrtc.py --models-dir $(MODELS_DIR) --out bench/results/webrtc.json
 
 bench-hardening: install
 	$(PY) bench/bench_hardening.py --models-dir $(MODELS_DIR) --out bench/results/hardening.json

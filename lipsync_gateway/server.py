@@ -18,6 +18,15 @@ Routes:
   An error before the stream starts is an HTTP error status whose body is one line ``{"error": .., "code": ..}``;
   an error during the stream is such a line in place of ``ended``.
 - ``GET /sample-clip``: the clip given with ``--sample-clip`` (the page offers it; tests drive the page with it).
+- ``POST /offer``: WebRTC (webrtc.py): ``{"sdp", "type": "offer", "model"}`` in, ``{"sdp", "type": "answer",
+  "peer_id"}`` out; the peer talks to the avatar with its microphone and gets its video and speech back.
+- ``POST /peers/{id}/speech``: audio for that peer's avatar to say (a file, or a streamed body such as a TTS
+  stream; raw ``audio/L16;rate=N`` too); answers when it has been fed. ``GET /peers`` lists the peers with their
+  stats and the CPU per media step; ``DELETE /peers/{id}`` closes one.
+
+WebRTC flags: ``--max-peers`` (503 beyond), ``--ice-server URL`` (repeatable; ``--ice-username`` and
+``--ice-credential`` for TURN), ``--playout-delay``, ``--peer-idle-timeout``, ``--peer-session-timeout``,
+``--vad-threshold-db`` and ``--vad-hangover`` (docs/webrtc.md).
 
 Everything is bounded: the body size (``--max-upload-mb``), the decoded audio (``--max-audio-seconds``), the
 sessions open at once (``--max-sessions``) and each session's gRPC deadline (``--session-timeout``). A browser that
@@ -41,7 +50,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +65,8 @@ from lipsync_client.retry import retrying
 from service_common.tls import ClientTls
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc, inference_pb2
+
+from .webrtc import PeerManager, WebRtcConfig, ice_servers
 
 log = logging.getLogger("lipsync_gateway")
 
@@ -92,6 +103,7 @@ class GatewayConfig:
     sample_clip: Path | None = None
     token: str | None = None  # sent to the compositing service (auth.enabled there)
     tls: ClientTls | None = None
+    webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
 
 
 class GatewayError(Exception):
@@ -185,6 +197,7 @@ class Gateway:
         self.active_sessions = 0
         self.sessions = 0
         self.disconnects = 0
+        self.peers = PeerManager(config.webrtc, lambda: self.stub)
 
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
         """One gRPC channel (thread-safe) from startup to cleanup."""
@@ -192,6 +205,7 @@ class Gateway:
         raw, self.channel = open_channel(config.server, CHANNEL_OPTIONS, token=config.token, tls=config.tls)
         self.stub = compositing_pb2_grpc.CompositingServiceStub(self.channel)
         yield
+        await self.peers.close_all()
         raw.close()
 
     # -- routes ---------------------------------------------------------------
@@ -207,6 +221,11 @@ class Gateway:
             STATIC / "viewer.js", headers={"Cache-Control": "no-cache", "Content-Type": "text/javascript"}
         )
 
+    async def talk_js(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(
+            STATIC / "talk.js", headers={"Cache-Control": "no-cache", "Content-Type": "text/javascript"}
+        )
+
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response(
             {
@@ -216,6 +235,7 @@ class Gateway:
                 "sessions": self.sessions,
                 "disconnects": self.disconnects,
                 "sample_clip": self.config.sample_clip is not None,
+                "peers": self.peers.health(),
             }
         )
 
@@ -425,6 +445,11 @@ def build_app(config: GatewayConfig) -> web.Application:
     app.router.add_get("/models", gateway.models)
     app.router.add_get("/sample-clip", gateway.sample_clip)
     app.router.add_post("/session", gateway.session)
+    app.router.add_get("/talk.js", gateway.talk_js)
+    app.router.add_post("/offer", gateway.peers.offer)
+    app.router.add_get("/peers", gateway.peers.list)
+    app.router.add_post("/peers/{peer_id}/speech", gateway.peers.speech)
+    app.router.add_delete("/peers/{peer_id}", gateway.peers.delete)
     return app
 
 
@@ -438,6 +463,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sessions", type=int, default=4, help="sessions open at once (more get 503)")
     parser.add_argument("--session-timeout", type=float, default=600.0, help="gRPC deadline of a session (s)")
     parser.add_argument("--sample-clip", type=Path, help="an audio file the page offers (served at /sample-clip)")
+    rtc = parser.add_argument_group("WebRTC (POST /offer; docs/webrtc.md)")
+    rtc.add_argument("--max-peers", type=int, default=4, help="WebRTC peers open at once (more get 503; default 4)")
+    rtc.add_argument(
+        "--ice-server", action="append", default=[], metavar="URL", help="STUN/TURN server (repeatable); none: host"
+    )
+    rtc.add_argument("--ice-username", help="username for the turn: servers")
+    rtc.add_argument("--ice-credential", help="credential for the turn: servers")
+    rtc.add_argument(
+        "--playout-delay", type=float, default=0.55, help="frames buffered before sending, s (>= the model's 0.45)"
+    )
+    rtc.add_argument("--peer-idle-timeout", type=float, default=300.0, help="free a peer silent this long (s)")
+    rtc.add_argument("--peer-session-timeout", type=float, default=3600.0, help="longest peer session (s)")
+    rtc.add_argument("--vad-threshold-db", type=float, default=-45.0, help="mic level that opens an utterance")
+    rtc.add_argument("--vad-hangover", type=float, default=0.6, help="silence that ends an utterance (s)")
     add_connection_options(parser)
     return parser
 
@@ -449,6 +488,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sample-clip: {args.sample_clip} does not exist")
     if args.max_upload_mb <= 0 or args.max_audio_seconds <= 0 or args.max_sessions < 1 or args.session_timeout <= 0:
         parser.error("--max-upload-mb, --max-audio-seconds, --max-sessions and --session-timeout must be positive")
+    if args.max_peers < 1 or args.playout_delay < 0 or args.peer_idle_timeout <= 0 or args.peer_session_timeout <= 0:
+        parser.error("--max-peers, --peer-idle-timeout and --peer-session-timeout must be positive")
+    try:
+        servers = ice_servers(args.ice_server, args.ice_username, args.ice_credential)
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         token, tls = connection(args)
@@ -465,6 +510,17 @@ def main(argv: list[str] | None = None) -> int:
         max_sessions=args.max_sessions,
         session_timeout=args.session_timeout,
         sample_clip=args.sample_clip.resolve() if args.sample_clip else None,
+        webrtc=WebRtcConfig(
+            max_peers=args.max_peers,
+            ice_servers=servers,
+            playout_delay=args.playout_delay,
+            idle_timeout=args.peer_idle_timeout,
+            session_timeout=args.peer_session_timeout,
+            vad_threshold_db=args.vad_threshold_db,
+            vad_hangover_s=args.vad_hangover,
+            max_upload_bytes=int(args.max_upload_mb * MB),
+            max_audio_seconds=args.max_audio_seconds,
+        ),
     )
     log.info("lipsync gateway on http://%s:%d/ for %s", config.host, config.port, config.server)
     with contextlib.suppress(KeyboardInterrupt):

@@ -110,8 +110,11 @@ class Page:
 class Chromium:
     """A headless Chromium process with its own empty profile; ``async with`` starts and stops it."""
 
-    def __init__(self, binary: str | None = None, start_timeout: float = 30.0) -> None:
+    def __init__(
+        self, binary: str | None = None, start_timeout: float = 30.0, extra_flags: tuple[str, ...] = ()
+    ) -> None:
         self.binary = binary or find_chromium()
+        self.extra_flags = list(extra_flags)
         self.start_timeout = start_timeout
         self._profile = Path(tempfile.mkdtemp(prefix="lipsync-chromium-"))
         self._process: subprocess.Popen | None = None
@@ -120,7 +123,7 @@ class Chromium:
 
     async def __aenter__(self) -> Chromium:
         self._process = subprocess.Popen(
-            [self.binary, *CHROMIUM_FLAGS, f"--user-data-dir={self._profile}", "about:blank"],
+            [self.binary, *CHROMIUM_FLAGS, *self.extra_flags, f"--user-data-dir={self._profile}", "about:blank"],
             stdout=subprocess.DEVNULL,
             stderr=(self._profile.parent / f"{self._profile.name}.log").open("wb"),
         )

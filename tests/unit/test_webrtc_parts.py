@@ -1,0 +1,49 @@
+"""The WebRTC gateway's pure parts: the speech gate, the utterance audio store, ICE server flags."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lipsync_gateway.audio_in import BLOCK, SpeechGate, level_db
+from lipsync_gateway.playout import IN_PER_FRAME, UtteranceAudio
+from lipsync_gateway.webrtc import ice_servers
+
+
+def tone(seconds: float, amplitude: float = 0.3) -> np.ndarray:
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (amplitude * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+def test_gate_opens_on_speech_with_preroll_and_closes_after_the_hangover() -> None:
+    gate = SpeechGate(threshold_db=-45, hangover_s=0.2, preroll_s=0.04)
+    out, ended = gate.feed(np.zeros(16000 // 2, np.float32))
+    assert len(out) == 0 and not ended and not gate.open
+    out, ended = gate.feed(tone(0.1))
+    assert gate.open and not ended and len(out) == 2 * BLOCK + len(tone(0.1))  # the pre-roll came first
+    out, ended = gate.feed(np.zeros(16000, np.float32))
+    assert ended and not gate.open and len(out) == 10 * BLOCK  # 0.2 s of hangover, then nothing
+    assert level_db(np.zeros(10, np.float32)) == float("-inf") and -14 < level_db(tone(0.1)) < -13  # 0.3 / sqrt(2)
+    gate.feed(tone(0.1))
+    gate.reset()
+    assert not gate.open
+
+
+def test_utterance_audio_gives_each_frame_its_own_samples_and_arrival() -> None:
+    u = UtteranceAudio(1)
+    data = np.arange(3 * IN_PER_FRAME, dtype=np.float32)
+    u.append(data[:1000], 10.0, 1000)
+    u.append(data[1000:], 11.0, 1920)
+    frame0, at0, pos0 = u.frame(0)
+    assert np.array_equal(frame0, data[:IN_PER_FRAME]) and at0 == 10.0 and pos0 == IN_PER_FRAME
+    frame1, at1, pos1 = u.frame(1)
+    assert np.array_equal(frame1, data[IN_PER_FRAME : 2 * IN_PER_FRAME]) and at1 == 11.0 and pos1 == 1280
+    tail, at3, _ = u.frame(3)  # past the end: silence, released with the last sample
+    assert not tail.any() and at3 == 11.0
+
+
+def test_ice_server_flags() -> None:
+    stun, turn = ice_servers(["stun:stun.example:3478", "turn:turn.example:3478"], "u", "p")
+    assert stun.username is None and turn.username == "u" and turn.credential == "p"
+    with pytest.raises(ValueError, match="--ice-server"):
+        ice_servers(["http://example"], None, None)
