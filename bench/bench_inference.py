@@ -135,6 +135,7 @@ def session_settings(threads: int) -> dict[str, Any]:
         "inter_op_threads": 1,
         "graph_optimization_level": "ORT_ENABLE_ALL",
         "execution_mode": "ORT_SEQUENTIAL",
+        "allow_spinning": False,  # the service's CPU default (docs/decisions/0010), both sides
         "providers": ["CPUExecutionProvider"],
     }
 
@@ -147,6 +148,10 @@ def bare_session(path: Path, threads: int) -> ort.InferenceSession:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    # The service's defaults (inference_service.devices.session_options): no spinning on the CPU.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
