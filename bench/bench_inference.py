@@ -478,7 +478,8 @@ def time_step(fn: Callable[[], Any], budget: float = 0.25, min_reps: int = 5) ->
 
 def demo_components(models_dir: Path, threads: int, batch: int) -> dict:
     """Each step of an InferBatch, timed alone in this process with the service's own functions."""
-    from inference_service.tensors import audio_windows, batch_of, frombuffer, to_model_input, to_output_dtype
+    from inference_service.tensors import to_model_input, to_output_dtype
+    from lipsync_protocol.tensors import audio_windows, batch_of, frombuffer
 
     session = bare_session(models_dir / "demo" / "model.onnx", threads)
     inputs = Inputs.make(batch)

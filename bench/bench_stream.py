@@ -45,10 +45,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from inference_service.audio import required_samples
 from lipsync_client import LipsyncClient
 from lipsync_client.media import read_speech
 from lipsync_client.session import frame_audio_end, frames_to_cover
+from lipsync_protocol.timing import required_samples
 from service_common.allocator import tune_malloc
 from service_common.processes import ServiceProcess, free_port
 from shared_proto import compositing_pb2 as pb

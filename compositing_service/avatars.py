@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lipsync_protocol.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from lipsync_protocol.geometry import Geometry
 from lipsync_protocol.inputs import avatar_scope, input_key
 from service_common.config_source import valid_model_id
-from service_common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from service_common.metrics import NullEvents
 from service_common.usage import Usage, UsageClock, lfu_order
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from inference_service.audio import RawAudio
-from inference_service.tensors import audio_windows, batch_of
+from lipsync_protocol.errors import FailedPrecondition, InvalidArgument
 from lipsync_protocol.geometry import DEFAULT as DEFAULT_GEOMETRY
-from service_common.errors import FailedPrecondition, InvalidArgument
+from lipsync_protocol.speech import RawAudio
+from lipsync_protocol.tensors import audio_windows, batch_of
 from service_common.metrics import ServiceMetrics
 
 from . import __version__

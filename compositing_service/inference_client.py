@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING, Protocol
 import grpc
 import numpy as np
 
-from inference_service.audio import RawAudio
+from lipsync_protocol import channels, errors
 from lipsync_protocol.geometry import Geometry
 from lipsync_protocol.inputs import REAL_CHANNELS
+from lipsync_protocol.speech import RawAudio
 from lipsync_protocol.wire import DecodedBatch, decode_batch_response
-from service_common import errors, request_log, tls
+from service_common import request_log
 from shared_proto import inference_pb2 as pb
 from shared_proto import inference_pb2_grpc as pb_grpc
 
@@ -190,8 +191,8 @@ class RemoteInference:
     async def start(self) -> None:
         for target in self.targets:
             try:
-                channel = tls.aio_channel(target, self.config.inference_tls, channel_options(self.config, target))
-            except tls.TlsError as exc:
+                channel = channels.aio_channel(target, self.config.inference_tls, channel_options(self.config, target))
+            except channels.TlsError as exc:
                 raise RuntimeError(str(exc).replace("tls.", "inference_server.tls.")) from None
             self._channels.append(channel)
             self._stubs.append(inference_stub(channel))

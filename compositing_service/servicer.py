@@ -8,10 +8,11 @@ import logging
 import grpc
 import numpy as np
 
-from inference_service.servicer import audio_encoding_name, np_dtype, raw_audio_of
-from inference_service.tensors import frombuffer
+from lipsync_protocol.errors import InvalidArgument, ResourceExhausted, Unavailable
+from lipsync_protocol.speech import RawAudio, encoding_name
+from lipsync_protocol.tensors import frombuffer, numpy_dtype
+from lipsync_protocol.timing import FPS, SAMPLE_RATE
 from service_common import request_log
-from service_common.errors import InvalidArgument, ResourceExhausted, Unavailable
 from service_common.grpc_glue import abort_with, deadline_of, translate_errors
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc as pb_grpc
@@ -32,11 +33,11 @@ def session_options(config: pb.SessionConfig, core: CompositingCore) -> SessionO
     return SessionOptions(
         model_id=config.model_id,
         start_frame_idx=config.start_frame_idx,
-        fps=config.fps or 25.0,
+        fps=config.fps or FPS,
         output_format=config.output_format or core.config.output_format,
         jpeg_quality=config.jpeg_quality or core.config.jpeg_quality,
-        encoding=audio_encoding_name(config.audio_encoding),
-        sample_rate=config.sample_rate or 16000,
+        encoding=encoding_name(config.audio_encoding),
+        sample_rate=config.sample_rate or SAMPLE_RATE,
         idle_frames=config.idle_frames,
         drop_late_frames=config.drop_late_frames,
         max_batch_frames=config.max_batch_frames or limit,
@@ -117,17 +118,7 @@ class SessionServicerMixin:
 
             reader = asyncio.create_task(read())
             async for frame in session.frames():
-                yield pb.SessionResponse(
-                    frame=pb.SessionFrame(
-                        frame_index=frame.frame_index,
-                        timestamp_s=frame.timestamp_s,
-                        image=frame.image,
-                        background_index=frame.background_index,
-                        speech=frame.speech,
-                        utterance=frame.utterance,
-                        utterance_frame=frame.utterance_frame,
-                    )
-                )
+                yield pb.SessionResponse(frame=frame.to_proto())
             stats = session.stats
             request_log.note(model=session.options.model_id, frames=stats.frames)
             yield pb.SessionResponse(
@@ -136,7 +127,7 @@ class SessionServicerMixin:
                     speech_frames=stats.speech_frames,
                     idle_frames=stats.idle_frames,
                     dropped_frames=stats.dropped_frames,
-                    audio_seconds=stats.audio_samples / 16000,
+                    audio_seconds=stats.audio_samples / SAMPLE_RATE,
                 )
             )
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -165,7 +156,7 @@ class CompositingServicer(SessionServicerMixin, pb_grpc.CompositingServiceServic
         visual = None
         visual_bytes = request.visual_frames  # each read of a bytes field copies it: read once
         if visual_bytes:
-            visual = frombuffer(visual_bytes, np_dtype(request.visual_dtype, "visual_dtype"), "visual_frames")
+            visual = frombuffer(visual_bytes, numpy_dtype(request.visual_dtype, "visual_dtype"), "visual_frames")
         audio = frombuffer(request.audio_features, np.float32, "audio_features")
         result = await self.core.composite_batch(
             request.model_id,
@@ -174,7 +165,7 @@ class CompositingServicer(SessionServicerMixin, pb_grpc.CompositingServiceServic
             start_frame_idx=request.start_frame_idx,
             audio_shape=tuple(request.audio_features_shape),
             visual_frames=visual,
-            raw_audio=raw_audio_of(request),
+            raw_audio=RawAudio.of(request),
             deadline=deadline_of(context),
         )
         request_log.note(

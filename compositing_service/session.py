@@ -29,7 +29,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,23 +36,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from inference_service.audio import (
+from lipsync_protocol.errors import InvalidArgument, ResourceExhausted
+from lipsync_protocol.frames import Frame
+from lipsync_protocol.speech import RawAudio, decode_pcm
+from lipsync_protocol.timing import (
+    FPS,
     MIN_SAMPLES,
     SAMPLE_RATE,
-    RawAudio,
-    decode_pcm,
+    UNBOUNDED,
+    frame_time,
+    frames_to_cover,
     plan_batch,
     required_samples,
-    utterance_frames,
 )
-from service_common.errors import InvalidArgument, ResourceExhausted
 
 from .core import CompositingCore
 from .geometry import frame_index
 
 log = logging.getLogger(__name__)
 
-UNBOUNDED = 10**12  # an utterance length no frame's plan can reach: "more audio may come"
 BURST_GRACE_S = 0.5  # how long a full output buffer may take to drain before the reader counts as slow
 
 
@@ -61,7 +62,7 @@ BURST_GRACE_S = 0.5  # how long a full output buffer may take to drain before th
 class SessionOptions:
     model_id: str
     start_frame_idx: int = 0
-    fps: float = 25.0
+    fps: float = FPS
     output_format: str = "jpeg"
     jpeg_quality: int = 75
     encoding: str = "f32le"  # as an unset SessionConfig.audio_encoding
@@ -72,29 +73,12 @@ class SessionOptions:
 
 
 @dataclass
-class FrameOut:
-    frame_index: int
-    timestamp_s: float
-    image: bytes
-    background_index: int
-    speech: bool
-    utterance: int
-    utterance_frame: int
-
-
-@dataclass
 class SessionStats:
     frames: int = 0
     speech_frames: int = 0
     idle_frames: int = 0
     dropped_frames: int = 0
     audio_samples: int = 0
-
-
-def frames_to_cover(samples: int, fps: float) -> int:
-    """Frames the session renders for an utterance: the reference's count, then enough to cover the audio."""
-    padded = max(samples, MIN_SAMPLES)
-    return max(utterance_frames(padded), math.ceil(samples * fps / SAMPLE_RATE))
 
 
 class _Utterance:
@@ -147,8 +131,8 @@ class StreamSession:
         buffer_frames: int = 100,
         max_audio_ahead_s: float = 10.0,
     ) -> None:
-        if options.fps != 25.0:
-            raise InvalidArgument(f"fps: expected 25 (the reference models' frame rate), got {options.fps}")
+        if options.fps != FPS:
+            raise InvalidArgument(f"fps: expected {FPS} (the reference models' frame rate), got {options.fps}")
         if options.output_format not in ("jpeg", "png"):
             raise InvalidArgument(f"output_format: expected jpeg or png, got {options.output_format!r}")
         if not 1 <= options.jpeg_quality <= 100:
@@ -164,7 +148,7 @@ class StreamSession:
         self.stats = SessionStats()
         self.buffer_frames = buffer_frames
         self.max_ahead = int(max_audio_ahead_s * SAMPLE_RATE)
-        self._out: asyncio.Queue[FrameOut | BaseException | None] = asyncio.Queue()
+        self._out: asyncio.Queue[Frame | BaseException | None] = asyncio.Queue()
         self._queued = 0  # frames in _out (the queue itself is unbounded; this bound is enforced on put)
         self._wake = asyncio.Event()
         self._room = asyncio.Condition()
@@ -240,7 +224,7 @@ class StreamSession:
             self._utterance = None
         while not self._out.empty():
             item = self._out.get_nowait()
-            if isinstance(item, FrameOut):
+            if isinstance(item, Frame):
                 self._queued -= 1
                 self.stats.dropped_frames += 1
         self._wake.set()
@@ -258,7 +242,7 @@ class StreamSession:
 
     # -- output side --------------------------------------------------------
 
-    async def frames(self) -> AsyncIterator[FrameOut]:
+    async def frames(self) -> AsyncIterator[Frame]:
         while True:
             item = await self._out.get()
             if item is None:
@@ -294,7 +278,7 @@ class StreamSession:
         needed = plan_batch(u.next_frame, 1, UNBOUNDED).sample_hi
         return max(0, u.received - needed)
 
-    async def _put(self, frame: FrameOut) -> None:
+    async def _put(self, frame: Frame) -> None:
         """Queue a frame for the writer. A full buffer gets a moment to drain (batches arrive in bursts);
         a reader still that far behind fails the session, or loses its oldest frames if it asked to."""
         if self._queued >= self.buffer_frames:
@@ -311,7 +295,7 @@ class StreamSession:
                 )
             while self._queued >= self.buffer_frames:  # drop the oldest unsent frames
                 item = self._out.get_nowait()
-                if isinstance(item, FrameOut):
+                if isinstance(item, Frame):
                     self._queued -= 1
                     self.stats.dropped_frames += 1
         self._out.put_nowait(frame)
@@ -374,7 +358,7 @@ class StreamSession:
         data = u.buffered()[lo - u.base : hi - u.base]
         return RawAudio(data.tobytes(), "f32le", SAMPLE_RATE, lo, length, first)
 
-    async def _batch(self, u: _Utterance, first: int, count: int, raw: RawAudio) -> list[FrameOut]:
+    async def _batch(self, u: _Utterance, first: int, count: int, raw: RawAudio) -> list[Frame]:
         session_first = u.first_session_frame + first
         result = await self.core.composite_batch(
             self.options.model_id,
@@ -386,9 +370,9 @@ class StreamSession:
             jpeg_quality=self.options.jpeg_quality,
         )
         return [
-            FrameOut(
+            Frame(
                 frame_index=session_first + i,
-                timestamp_s=(session_first + i) / self.options.fps,
+                timestamp_s=frame_time(session_first + i, self.options.fps),
                 image=image,
                 background_index=result.frame_indices[i],
                 speech=True,
@@ -453,7 +437,7 @@ class StreamSession:
                     self.options.output_format,
                     self.options.jpeg_quality,
                 )
-                await self._put(FrameOut(index, index / self.options.fps, image, background, False, 0, 0))
+                await self._put(Frame(index, frame_time(index, self.options.fps), image, background, False, 0, 0))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

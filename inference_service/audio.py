@@ -8,37 +8,42 @@ turns each chunk into 512 values; the list is padded by repeating its first
 and last entry, and frame i reads entries i-8 .. i+7 (zeros off either end).
 
 Alignment, so that an utterance sent in consecutive batches gives exactly the
-features of the whole: a batch names its utterance's length, the utterance
-sample its audio starts at, and the utterance frame of its first output frame.
-``plan_batch`` says which samples those frames depend on (each mel frame reads
-the same samples whichever batch computes it), and ``required_samples`` tells
-a client what to send. Every per-frame computation here is independent of how
-many frames are computed together (row-wise FFT, einsum rather than BLAS), so
-the equality is exact.
+features of the whole: ``lipsync_protocol.timing.plan_batch`` says which
+samples a batch's frames depend on (each mel frame reads the same samples
+whichever batch computes it). Every per-frame computation here is independent
+of how many frames are computed together (row-wise FFT, einsum rather than
+BLAS), so the equality is exact.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
-from service_common.errors import InvalidArgument
+from lipsync_protocol.errors import InvalidArgument
+from lipsync_protocol.speech import RawAudio, decode_pcm
+from lipsync_protocol.timing import (
+    EMBEDDING,
+    HOP,
+    MAX_RATE,
+    MEL_STEP,
+    MIN_RATE,
+    N_FFT,
+    SAMPLE_RATE,
+    WINDOW_HALF,
+    BatchPlan,
+    chunk_count,
+    chunk_starts,
+    mel_frame_count,
+    plan_batch,
+    utterance_frames,
+)
 
-SAMPLE_RATE = 16_000
-N_FFT = 800
-HOP = 200
 N_MELS = 80
 FMIN, FMAX = 55.0, 7600.0
 PREEMPHASIS = 0.97
-MEL_STEP = 16  # mel frames per chunk
-FPS = 25
-WINDOW_HALF = 8  # frame i reads embeddings i-8 .. i+7
-EMBEDDING = 512
-MIN_SAMPLES = (MEL_STEP - 1) * HOP  # shortest utterance with one full chunk (16 mel frames)
-MIN_RATE, MAX_RATE = 8_000, 192_000
 
 
 # -- mel filter bank (librosa's Slaney scale and normalization) ---------------------------------
@@ -74,72 +79,6 @@ def mel_basis() -> np.ndarray:
 @lru_cache(maxsize=1)
 def hann_window() -> np.ndarray:
     return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(N_FFT) / N_FFT)
-
-
-# -- counts and alignment ----------------------------------------------------------------------
-
-
-def mel_frame_count(utterance_samples: int) -> int:
-    return 1 + utterance_samples // HOP
-
-
-def chunk_count(utterance_samples: int) -> int:
-    """Encoder inputs for an utterance: ``int((mel_frames - 16) / 80 * 25) + 2``."""
-    return int((mel_frame_count(utterance_samples) - MEL_STEP) / 80.0 * FPS) + 2
-
-
-def utterance_frames(utterance_samples: int) -> int:
-    """Video frames the reference renders for an utterance: one per padded embedding."""
-    return chunk_count(utterance_samples) + 2
-
-
-def chunk_starts(chunks: np.ndarray, mel_frames: int) -> np.ndarray:
-    """First mel frame of each chunk, computed as the reference does (float, then int), slid back at the end."""
-    starts = (80.0 * (chunks / float(FPS))).astype(np.int64)
-    return np.minimum(starts, mel_frames - MEL_STEP)
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    first_frame: int
-    count: int
-    utterance_samples: int
-    chunk_lo: int  # encoder inputs needed: [chunk_lo, chunk_hi)
-    chunk_hi: int
-    mel_lo: int  # mel frames needed: [mel_lo, mel_hi)
-    mel_hi: int
-    sample_lo: int  # utterance samples needed: [sample_lo, sample_hi)
-    sample_hi: int
-
-
-def plan_batch(first_frame: int, count: int, utterance_samples: int) -> BatchPlan:
-    if utterance_samples < MIN_SAMPLES:
-        raise InvalidArgument(
-            f"raw_audio: the utterance needs at least {MIN_SAMPLES} samples at 16 kHz "
-            f"({MIN_SAMPLES / SAMPLE_RATE:.4f} s), got {utterance_samples}"
-        )
-    if first_frame < 0 or count < 1:
-        raise InvalidArgument(f"first_frame: expected >= 0 with a batch of at least 1, got {first_frame}, {count}")
-    n_chunks = chunk_count(utterance_samples)
-    total = n_chunks + 2
-    lo = max(0, first_frame - WINDOW_HALF)
-    hi = min(total, first_frame + count + WINDOW_HALF - 1)  # padded entries [lo, hi) are read
-    if lo >= hi:  # every window lies past the end: all zeros
-        return BatchPlan(first_frame, count, utterance_samples, 0, 0, 0, 0, 0, 0)
-    chunk_lo = int(np.clip(lo - 1, 0, n_chunks - 1))
-    chunk_hi = int(np.clip(hi - 2, 0, n_chunks - 1)) + 1
-    mel_frames = mel_frame_count(utterance_samples)
-    starts = chunk_starts(np.array([chunk_lo, chunk_hi - 1]), mel_frames)
-    mel_lo, mel_hi = int(starts[0]), int(starts[1]) + MEL_STEP
-    sample_lo = max(0, mel_lo * HOP - N_FFT // 2 - 1)  # one more for the pre-emphasis
-    sample_hi = min(utterance_samples, (mel_hi - 1) * HOP + N_FFT // 2)
-    return BatchPlan(first_frame, count, utterance_samples, chunk_lo, chunk_hi, mel_lo, mel_hi, sample_lo, sample_hi)
-
-
-def required_samples(first_frame: int, count: int, utterance_samples: int) -> tuple[int, int]:
-    """The utterance samples ``[start, end)`` a batch of frames depends on: what a client sends."""
-    plan = plan_batch(first_frame, count, utterance_samples)
-    return plan.sample_lo, plan.sample_hi
 
 
 # -- features ----------------------------------------------------------------------------------
@@ -192,25 +131,7 @@ def frame_windows(embeddings: np.ndarray, plan: BatchPlan) -> np.ndarray:
     return out.reshape(plan.count, 32, 16, 16)
 
 
-# -- raw audio decoding ------------------------------------------------------------------------
-
-
-def decode_pcm(data: bytes, encoding: str) -> np.ndarray:
-    """float32 samples from little-endian PCM: ``s16le`` (scaled by 1/32768, as librosa loads) or ``f32le``."""
-    if not data:
-        raise InvalidArgument("raw_audio: empty")
-    if encoding == "s16le":
-        if len(data) % 2:
-            raise InvalidArgument(f"raw_audio: {len(data)} bytes is not whole 16-bit samples (PCM_S16LE)")
-        return np.frombuffer(data, "<i2").astype(np.float32) / np.float32(32768.0)
-    if encoding == "f32le":
-        if len(data) % 4:
-            raise InvalidArgument(f"raw_audio: {len(data)} bytes is not whole float32 samples (FLOAT32)")
-        samples = np.frombuffer(data, "<f4")
-        if not np.isfinite(samples).all():
-            raise InvalidArgument("raw_audio: contains NaN or infinity")
-        return samples
-    raise InvalidArgument(f"audio_encoding: expected PCM_S16LE or FLOAT32, got {encoding}")
+# -- a request's speech, at 16 kHz --------------------------------------------------------------
 
 
 def resample_to_16k(samples: np.ndarray, rate: int) -> np.ndarray:
@@ -224,86 +145,18 @@ def resample_to_16k(samples: np.ndarray, rate: int) -> np.ndarray:
     return soxr.resample(samples, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
 
 
-# -- a request's raw audio ---------------------------------------------------------------------
-
-
-MAX_UTTERANCE_SAMPLES = SAMPLE_RATE * 24 * 3600  # an utterance's frame count must fit the API's int32 fields
-
-
-@dataclass(frozen=True)
-class RawAudio:
-    """Speech sent with a batch, and the batch's place in its utterance (see the module docstring)."""
-
-    data: bytes
-    encoding: str = "s16le"  # or "f32le"
-    sample_rate: int = SAMPLE_RATE
-    offset: int = 0  # utterance sample of data[0]
-    utterance_samples: int = 0  # 0: data is the whole utterance
-    first_frame: int = 0  # utterance frame of the batch's first frame
-
-    @property
-    def sample_count(self) -> int:
-        return len(self.data) // (2 if self.encoding == "s16le" else 4)
-
-    def check(self, count: int) -> None:
-        """Cheap checks before any work is queued."""
-        if self.encoding not in ("s16le", "f32le"):
-            raise InvalidArgument(f"audio_encoding: expected AUDIO_PCM_S16LE or AUDIO_FLOAT32, got {self.encoding}")
-        if not self.data:
-            raise InvalidArgument("raw_audio: empty")
-        width = 2 if self.encoding == "s16le" else 4
-        if len(self.data) % width:
-            name = "16-bit samples (AUDIO_PCM_S16LE)" if width == 2 else "float32 samples (AUDIO_FLOAT32)"
-            raise InvalidArgument(f"raw_audio: {len(self.data)} bytes is not whole {name}")
-        if self.offset < 0 or self.utterance_samples < 0 or self.first_frame < 0:
-            raise InvalidArgument(
-                "audio_offset_samples, utterance_samples, first_frame: expected >= 0, got "
-                f"{self.offset}, {self.utterance_samples}, {self.first_frame}"
-            )
-        if self.utterance_samples > MAX_UTTERANCE_SAMPLES or self.offset > MAX_UTTERANCE_SAMPLES:
-            raise InvalidArgument(
-                f"utterance_samples, audio_offset_samples: expected at most {MAX_UTTERANCE_SAMPLES} "
-                f"(24 hours at 16 kHz), got {self.utterance_samples}, {self.offset}"
-            )
-        if self.sample_rate != SAMPLE_RATE:
-            if not MIN_RATE <= self.sample_rate <= MAX_RATE:
-                raise InvalidArgument(
-                    f"sample_rate: expected {MIN_RATE}..{MAX_RATE} Hz (0 means 16000), got {self.sample_rate}"
-                )
-            if self.offset or self.utterance_samples not in (0, self.sample_count):
-                raise InvalidArgument(
-                    "sample_rate: an utterance sent in batches (audio_offset_samples, utterance_samples) must be "
-                    f"16000 Hz so every batch sees the same samples; got {self.sample_rate} (resample it once first)"
-                )
-            return
-        utterance = self.utterance_samples or self.sample_count
-        if self.offset + self.sample_count > utterance:
-            raise InvalidArgument(
-                f"raw_audio: samples {self.offset}..{self.offset + self.sample_count} run past utterance_samples "
-                f"{utterance}"
-            )
-        plan = plan_batch(self.first_frame, count, utterance)
-        if plan.sample_hi > plan.sample_lo and (
-            self.offset > plan.sample_lo or self.offset + self.sample_count < plan.sample_hi
-        ):
-            raise InvalidArgument(
-                f"raw_audio: frames {self.first_frame}..{self.first_frame + count - 1} need utterance samples "
-                f"{plan.sample_lo}..{plan.sample_hi}; got {self.offset}..{self.offset + self.sample_count} "
-                "(see inference_service.audio.required_samples)"
-            )
-
-    def samples_16k(self) -> tuple[np.ndarray, int, int]:
-        """(samples, offset, utterance length), all at 16 kHz."""
-        samples = decode_pcm(self.data, self.encoding)
-        if self.sample_rate != SAMPLE_RATE:
-            samples = resample_to_16k(samples, self.sample_rate)
-            return samples, 0, len(samples)
-        return samples, self.offset, self.utterance_samples or len(samples)
+def samples_16k(raw: RawAudio) -> tuple[np.ndarray, int, int]:
+    """(samples, offset, utterance length), all at 16 kHz."""
+    samples = decode_pcm(raw.data, raw.encoding)
+    if raw.sample_rate != SAMPLE_RATE:
+        samples = resample_to_16k(samples, raw.sample_rate)
+        return samples, 0, len(samples)
+    return samples, raw.offset, raw.utterance_samples or len(samples)
 
 
 def batch_features(raw: RawAudio, count: int, encode: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, int]:
     """[count, 32, 16, 16] windows for the batch and the utterance's frame count (blocking: runs the encoder)."""
-    samples, offset, utterance = raw.samples_16k()
+    samples, offset, utterance = samples_16k(raw)
     plan = plan_batch(raw.first_frame, count, utterance)
     if plan.chunk_hi == plan.chunk_lo:
         return frame_windows(np.zeros((0, EMBEDDING), np.float32), plan), utterance_frames(utterance)

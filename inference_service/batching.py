@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lipsync_protocol.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError
 from lipsync_protocol.geometry import Geometry
-from service_common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError
+from lipsync_protocol.speech import RawAudio
 
-from .audio import RawAudio, batch_features
+from .audio import batch_features
 from .config import BatchingConfig
 from .engine import DeviceWorkers, LipSyncModel, current_worker
 from .inputs import Crop, fill_from_crops

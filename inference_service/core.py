@@ -15,18 +15,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lipsync_protocol.errors import FailedPrecondition, InvalidArgument
 from lipsync_protocol.inputs import FULL_CHANNELS, REAL_CHANNELS, check_key
-from service_common.errors import FailedPrecondition, InvalidArgument
+from lipsync_protocol.speech import RawAudio
+from lipsync_protocol.tensors import audio_windows, batch_of
 
 from . import __version__
-from .audio import RawAudio
 from .batching import Batcher, Done, run_requests
 from .config import BatchingConfig, InferenceConfig
 from .devices import Device, select_devices
 from .engine import DeviceWorkers, LipSyncModel
 from .inputs import Crop, InputCache, crops_of
 from .registry import LoadOutcome, ModelEntry, ModelRegistry
-from .tensors import audio_windows, batch_of
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 import numpy as np
 import onnxruntime as ort
 
+from lipsync_protocol.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
 from lipsync_protocol.geometry import Geometry, geometry_for_input
-from service_common.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
 
 from .binding import BoundRunner
 from .config import OnnxConfig

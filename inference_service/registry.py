@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lipsync_protocol.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from service_common.config_source import valid_model_id
-from service_common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from service_common.metrics import NullEvents
 from service_common.usage import Usage, UsageClock, lfu_order
 

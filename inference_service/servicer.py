@@ -6,56 +6,19 @@ import grpc
 import numpy as np
 from google.protobuf import message_factory
 
+from lipsync_protocol.errors import InvalidArgument
 from lipsync_protocol.inputs import FULL_CHANNELS
+from lipsync_protocol.speech import RawAudio
+from lipsync_protocol.tensors import frombuffer, numpy_dtype
 from lipsync_protocol.wire import encode_batch_response, serialize_response
 from service_common import request_log
-from service_common.errors import InvalidArgument
 from service_common.grpc_glue import deadline_of, translate_errors
 from service_common.metrics import ServiceMetrics, report_batch
 from shared_proto import inference_pb2 as pb
 from shared_proto import inference_pb2_grpc as pb_grpc
 
-from .audio import SAMPLE_RATE, RawAudio
 from .core import InferenceCore, InputsMissing, VisualBatch
 from .registry import ModelEntry
-from .tensors import frombuffer
-
-_NP_DTYPES = {pb.DTYPE_UNSPECIFIED: np.float32, pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_UINT8: np.uint8}
-
-
-def np_dtype(value: int, field: str) -> type:
-    try:
-        return _NP_DTYPES[value]
-    except KeyError:
-        raise InvalidArgument(f"{field}: expected DTYPE_FLOAT32 or DTYPE_UINT8, got {value}") from None
-
-
-# Unset means float32: what the Go system's clients send (and its inference server decoded).
-_ENCODINGS = {pb.AUDIO_ENCODING_UNSPECIFIED: "f32le", pb.AUDIO_PCM_S16LE: "s16le", pb.AUDIO_FLOAT32: "f32le"}
-
-
-def audio_encoding_name(value: int) -> str:
-    """The AudioEncoding enum (shared by both APIs) as RawAudio's encoding name."""
-    try:
-        return _ENCODINGS[value]
-    except KeyError:
-        raise InvalidArgument(f"audio_encoding: expected AUDIO_PCM_S16LE or AUDIO_FLOAT32, got {value}") from None
-
-
-def raw_audio_of(request: pb.InferBatchRequest) -> RawAudio | None:
-    """The speech fields of InferBatchRequest or CompositeBatchRequest (same names and meaning)."""
-    data = request.raw_audio
-    if not data:
-        return None
-    encoding = audio_encoding_name(request.audio_encoding)
-    return RawAudio(
-        data=data,
-        encoding=encoding,
-        sample_rate=request.sample_rate or SAMPLE_RATE,
-        offset=request.audio_offset_samples,
-        utterance_samples=request.utterance_samples,
-        first_frame=request.first_frame,
-    )
 
 
 def model_stats(entry: ModelEntry) -> pb.ModelStats:
@@ -90,8 +53,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def InferBatch(
         self, request: pb.InferBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.InferBatchResponse | bytes:
-        visual_dtype = np_dtype(request.visual_dtype, "visual_dtype")
-        output_dtype = np_dtype(request.output_dtype, "output_dtype")
+        visual_dtype = numpy_dtype(request.visual_dtype, "visual_dtype")
+        output_dtype = numpy_dtype(request.output_dtype, "output_dtype")
         visual_bytes = request.visual_frames  # each read of a bytes field copies it: read once
         keys = list(request.visual_keys)
         if not visual_bytes and not keys:
@@ -110,7 +73,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 audio,
                 batch_size=request.batch_size,
                 audio_shape=tuple(request.audio_features_shape),
-                raw_audio=raw_audio_of(request),
+                raw_audio=RawAudio.of(request),
                 output_dtype=output_dtype,
                 deadline=deadline_of(context),
                 client=client_of(context),

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from inference_service.audio import SAMPLE_RATE, required_samples, utterance_frames
-from service_common.tls import ClientTls, TlsError, sync_channel
+from lipsync_protocol.channels import ClientTls, TlsError, sync_channel
+from lipsync_protocol.timing import SAMPLE_RATE, required_samples, utterance_frames
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc, inference_pb2
 
@@ -245,16 +245,19 @@ class LipsyncClient:
         (``required_samples``), so the frames equal those of one whole request.
         """
         if batch_size < 1 or concurrency < 1 or start_frame < 0:
-            raise LipsyncError("--batch-size and --concurrency must be >= 1 and --start-frame >= 0")
+            raise LipsyncError(
+                f"batch_size, concurrency, start_frame: expected >= 1, >= 1, >= 0; got {batch_size}, {concurrency}, "
+                f"{start_frame}"
+            )
         if out is None and frames_dir is None:
-            raise LipsyncError("give --out and/or --frames-dir")
+            raise LipsyncError("out, frames_dir: give at least one")
         try:
             samples = read_speech(audio) if not isinstance(audio, np.ndarray) else audio.astype(np.float32)
         except MediaError as exc:
             raise LipsyncError(str(exc)) from None
         total = utterance_frames(len(samples)) if len(samples) >= 3000 else 0
         if not total:
-            raise LipsyncError("--audio: too short (at least 0.19 s of speech)")
+            raise LipsyncError("audio: too short (at least 0.19 s of speech)")
         frames_path = Path(frames_dir) if frames_dir else None
         if frames_path:
             frames_path.mkdir(parents=True, exist_ok=True)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
-from service_common.tls import ClientTls
+from lipsync_protocol.channels import ClientTls
 
 from .api import LipsyncClient, LipsyncError
 
@@ -87,6 +88,23 @@ def connection(args: argparse.Namespace) -> tuple[str | None, ClientTls | None]:
     return token, tls
 
 
+# The library names its parameters; this command line, its flags.
+FLAGS = {"audio": "--audio", "out": "--out", "frames_dir": "--frames-dir", "batch_size": "--batch-size"}
+FLAGS |= {"concurrency": "--concurrency", "start_frame": "--start-frame", "chunk_ms": "--chunk-ms"}
+_NAMES = re.compile(r"^([a-z_]+(?:, [a-z_]+)*):")
+
+
+def as_flags(message: str) -> str:
+    """A library error as this command's user reads it: the parameters it names before the colon as flags."""
+    found = _NAMES.match(message)
+    if found is None:
+        return message
+    names = found.group(1).split(", ")
+    if not all(name in FLAGS for name in names):
+        return message
+    return ", ".join(FLAGS[name] for name in names) + message[found.end(1) :]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -122,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             print(result.summary())
             return 0
     except LipsyncError as exc:
-        print(f"lipsync-client: error: {exc}", file=sys.stderr)
+        print(f"lipsync-client: error: {as_flags(str(exc))}", file=sys.stderr)
         return 1
 
 

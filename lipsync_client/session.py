@@ -18,7 +18,6 @@ with LipsyncClient("127.0.0.1:50052") as client, client.session("demo") as sessi
 from __future__ import annotations
 
 import bisect
-import math
 import queue
 import threading
 import time
@@ -30,17 +29,17 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from inference_service.audio import MIN_SAMPLES, SAMPLE_RATE, plan_batch, utterance_frames
+from lipsync_protocol.frames import Frame
+from lipsync_protocol.timing import FPS, SAMPLE_RATE, UNBOUNDED, frames_to_cover, plan_batch
 from shared_proto import compositing_pb2 as pb
 from shared_proto import inference_pb2
 
 from .api import LipsyncError
-from .media import FPS, MediaError, Mp4Writer, read_speech
+from .media import MediaError, Mp4Writer, read_speech
 
 if TYPE_CHECKING:
     from .api import LipsyncClient
 
-UNBOUNDED = 10**12  # an utterance length no frame's plan reaches: "more audio may come"
 _END = object()  # ends the request stream
 
 
@@ -67,17 +66,10 @@ class SessionStats:
 
 
 @dataclass(frozen=True)
-class StreamFrame:
+class StreamFrame(Frame):
     """``SessionFrame`` plus ``received_s``, the ``time.perf_counter()`` at which it arrived here."""
 
-    frame_index: int
-    timestamp_s: float
-    image: bytes
-    background_index: int
-    speech: bool
-    utterance: int
-    utterance_frame: int
-    received_s: float
+    received_s: float = 0.0
 
 
 @dataclass
@@ -99,11 +91,6 @@ class SentControl:
 def frame_audio_end(utterance_frame: int) -> int:
     """Utterance samples ``[0, end)`` that utterance frame ``k`` needs before the server can make it."""
     return plan_batch(utterance_frame, 1, UNBOUNDED).sample_hi
-
-
-def frames_to_cover(samples: int) -> int:
-    """Frames a session renders for an utterance of ``samples``: the reference's count, then enough to cover it."""
-    return max(utterance_frames(max(samples, MIN_SAMPLES)), math.ceil(samples * FPS / SAMPLE_RATE))
 
 
 def as_float32(samples: np.ndarray | bytes | bytearray | memoryview) -> np.ndarray:
@@ -189,7 +176,7 @@ class LipsyncSession:
         send_queue: int = 8,
     ) -> None:
         if start_frame < 0:
-            raise LipsyncError(f"--start-frame: expected >= 0, got {start_frame}")
+            raise LipsyncError(f"start_frame: expected >= 0, got {start_frame}")
         if not 0 <= jpeg_quality <= 100:
             raise LipsyncError(f"jpeg_quality: expected 0 (the server's) to 100, got {jpeg_quality}")
         if max_batch_frames < 0:
@@ -305,7 +292,7 @@ class LipsyncSession:
         """
         chunk = round(chunk_ms * SAMPLE_RATE / 1000)
         if chunk < 1:
-            raise LipsyncError(f"--chunk-ms: expected > 0, got {chunk_ms}")
+            raise LipsyncError(f"chunk_ms: expected > 0, got {chunk_ms}")
         feeder = Feeder(self, as_float32(samples), chunk, realtime, end_of_input, close)
         feeder.start()
         return feeder
@@ -320,17 +307,7 @@ class LipsyncSession:
                 return
             kind = response.WhichOneof("message")
             if kind == "frame":
-                f = response.frame
-                frame = StreamFrame(
-                    f.frame_index,
-                    f.timestamp_s,
-                    f.image,
-                    f.background_index,
-                    f.speech,
-                    f.utterance,
-                    f.utterance_frame,
-                    self._received_s,
-                )
+                frame = StreamFrame(**Frame.field_values(response.frame), received_s=self._received_s)
                 if self.first_frame_s is None:
                     self.first_frame_s = frame.received_s
                 self.last_frame = frame
@@ -573,15 +550,15 @@ def stream(
     MP4 (H.264, 25 fps, the speech muxed in) and/or JPEG files, and the result has the latency figures.
     """
     if not chunk_ms > 0:
-        raise LipsyncError(f"--chunk-ms: expected > 0, got {chunk_ms}")
+        raise LipsyncError(f"chunk_ms: expected > 0, got {chunk_ms}")
     if start_frame < 0:
-        raise LipsyncError(f"--start-frame: expected >= 0, got {start_frame}")
+        raise LipsyncError(f"start_frame: expected >= 0, got {start_frame}")
     try:
         samples = read_speech(audio) if not isinstance(audio, np.ndarray) else as_float32(audio)
     except MediaError as exc:
         raise LipsyncError(str(exc)) from None
     if not len(samples):
-        raise LipsyncError("--audio: holds no samples")
+        raise LipsyncError("audio: holds no samples")
     expected = frames_to_cover(len(samples))
     frames_path = Path(frames_dir) if frames_dir else None
     if frames_path:
@@ -600,7 +577,7 @@ def stream(
         try:  # once the server accepted the session, so a refused one leaves no file behind
             writer = _Writer(result.out, frames_path, samples)
         except Exception as exc:
-            raise LipsyncError(f"--out: cannot write {result.out} ({exc})") from None
+            raise LipsyncError(f"out: cannot write {result.out} ({exc})") from None
         writer.start()
         try:
             feeder = session.feed(samples, chunk_ms=chunk_ms, realtime=realtime)
@@ -615,7 +592,7 @@ def stream(
         finally:
             writer.finish()
     if writer.error is not None:
-        raise LipsyncError(f"--out: {writer.error}") from None
+        raise LipsyncError(f"out: {writer.error}") from None
     stats = session.ended
     if stats is None or session.ended_s is None:
         raise LipsyncError("session: the server closed the stream without SessionEnded")

@@ -62,7 +62,7 @@ from lipsync_client.api import LipsyncError, open_channel
 from lipsync_client.cli import add_connection_options, connection
 from lipsync_client.media import MediaError, read_speech
 from lipsync_client.retry import retrying
-from service_common.tls import ClientTls
+from lipsync_protocol.channels import ClientTls
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc, inference_pb2
 
@@ -323,10 +323,9 @@ class Gateway:
             if size == 0:
                 raise GatewayError(400, "INVALID_ARGUMENT", "body: expected an audio file, got an empty body")
             try:
-                samples = await asyncio.to_thread(read_speech, path)
+                samples = await asyncio.to_thread(read_speech, path, "the upload")
             except MediaError as exc:
-                message = str(exc).removeprefix("--audio: ").replace(f": '{path}'", "").replace(str(path), "upload")
-                raise GatewayError(400, "INVALID_ARGUMENT", f"audio: {message}") from None
+                raise GatewayError(400, "INVALID_ARGUMENT", str(exc)) from None
         seconds = len(samples) / SAMPLE_RATE
         if seconds > self.config.max_audio_seconds:
             raise GatewayError(

@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from .errors import DeadlineExceeded, ResourceExhausted
+from lipsync_protocol.errors import DeadlineExceeded, ResourceExhausted
 
 
 class Admission:

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from .errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from lipsync_protocol.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from .errors import ServiceError
+from lipsync_protocol.errors import ServiceError
 
 log = logging.getLogger(__name__)
 

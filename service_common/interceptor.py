@@ -19,16 +19,17 @@ from typing import Any
 
 import grpc
 
-from . import request_log
-from .admission import Admission
-from .auth import Limits, Principal, TokenStore, bearer_token, require_admin
-from .errors import (
+from lipsync_protocol.errors import (
     DeadlineExceeded,
     InvalidArgument,
     PermissionDenied,
     ServiceError,
     Unauthenticated,
 )
+
+from . import request_log
+from .admission import Admission
+from .auth import Limits, Principal, TokenStore, bearer_token, require_admin
 from .grpc_glue import abort_with
 from .metrics import ServiceMetrics
 

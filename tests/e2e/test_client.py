@@ -17,8 +17,8 @@ from support import ServerThread, make_compositing_config, make_config
 
 from compositing_service.geometry import frame_index
 from demo_models.avatar import mouth_center_in_frame
-from inference_service.audio import utterance_frames
 from lipsync_client import LipsyncClient, LipsyncError
+from lipsync_protocol.timing import utterance_frames
 from shared_proto import compositing_pb2, compositing_pb2_grpc, inference_pb2
 
 SPEECH = Path(__file__).resolve().parents[1] / "data" / "speech_16k.wav"

@@ -16,9 +16,9 @@ import pytest
 from support import ServerThread, make_compositing_config, make_config, wait_until
 
 from compositing_service.session import frames_to_cover as server_frames_to_cover
-from inference_service.audio import utterance_frames
 from lipsync_client import LipsyncClient, LipsyncError
 from lipsync_client.session import frames_to_cover
+from lipsync_protocol.timing import utterance_frames
 
 SPEECH = Path(__file__).resolve().parents[1] / "data" / "speech_16k.wav"
 BIN = Path(sys.executable).parent

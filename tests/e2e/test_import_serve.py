@@ -24,6 +24,7 @@ from synctalk import fixtures_dir, random_state, write_checkpoint, write_lms
 from compositing_service.config import load_config as load_compositing
 from inference_service import audio as A
 from inference_service.config import load_config as load_inference
+from lipsync_protocol import speech as S
 from model_import.cli import main
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc, inference_pb2
@@ -152,7 +153,7 @@ def test_served_frames_equal_the_reference_composite(servers, imported: tuple[Pa
     models, dataset = imported
     pcm = speech_pcm()
     encoder = ort.InferenceSession(str(models / "alice" / "audio_encoder.onnx"), providers=["CPUExecutionProvider"])
-    raw = A.RawAudio(data=pcm.tobytes(), encoding="s16le", first_frame=FIRST_FRAME)
+    raw = S.RawAudio(data=pcm.tobytes(), encoding="s16le", first_frame=FIRST_FRAME)
     windows, _ = A.batch_features(raw, BATCH, lambda chunks: encoder.run(None, {"mel": chunks})[0])
     assert windows.shape == (BATCH, 32, 16, 16) and float(np.abs(windows).max()) > 0
     with grpc.insecure_channel(servers.address, options=OPTIONS) as channel:

@@ -13,6 +13,8 @@ import soxr
 from support import ServerThread, make_compositing_config
 
 from inference_service import audio as A
+from lipsync_protocol import speech as S
+from lipsync_protocol import timing as T
 from shared_proto import compositing_pb2, compositing_pb2_grpc
 from shared_proto import inference_pb2 as pb
 
@@ -44,19 +46,19 @@ def test_infer_batch_accepts_common_rates(stub, rate: int) -> None:
     )
     assert response.success and len(response.outputs) == 4
     assert response.audio_processing_ms > 0
-    assert abs(response.utterance_frames - A.utterance_frames(len(x))) <= 1
+    assert abs(response.utterance_frames - T.utterance_frames(len(x))) <= 1
 
 
 def test_float32_raw_audio_equals_precomputed_features(stub, models_dir: Path) -> None:
     x = speech()
     session = ort.InferenceSession(str(models_dir / "demo" / "audio_encoder.onnx"), providers=["CPUExecutionProvider"])
     windows, _ = A.batch_features(
-        A.RawAudio(x.tobytes(), "f32le", first_frame=60), 3, lambda c: session.run(None, {"mel": c})[0]
+        S.RawAudio(x.tobytes(), "f32le", first_frame=60), 3, lambda c: session.run(None, {"mel": c})[0]
     )
     visual = np.random.default_rng(0).integers(0, 256, (3, 6, 320, 320), dtype=np.uint8)
     common = dict(model_id="demo", visual_frames=visual.tobytes(), visual_dtype=pb.DTYPE_UINT8, batch_size=3)
     by_features = stub.InferBatch(pb.InferBatchRequest(audio_features=windows.tobytes(), **common))
-    lo, hi = A.required_samples(60, 3, len(x))
+    lo, hi = T.required_samples(60, 3, len(x))
     by_speech = stub.InferBatch(
         pb.InferBatchRequest(
             raw_audio=x[lo:hi].tobytes(),
@@ -87,11 +89,11 @@ def test_composite_batches_with_context_equal_one_whole_request(models_dir: Path
                     start_frame_idx=30,
                 )
             )
-            assert whole.utterance_frames == A.utterance_frames(len(x))
+            assert whole.utterance_frames == T.utterance_frames(len(x))
             frames = []
             for first in range(0, 12, 5):
                 count = min(5, 12 - first)
-                lo, hi = A.required_samples(first, count, len(x))
+                lo, hi = T.required_samples(first, count, len(x))
                 part = stub.InferBatchComposite(
                     compositing_pb2.CompositeBatchRequest(
                         model_id="demo",

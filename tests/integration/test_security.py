@@ -15,8 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import ServerThread, make_compositing_config, make_config, wait_until
 
 from lipsync_client import LipsyncClient, LipsyncError
+from lipsync_protocol.channels import ClientTls
 from service_common.processes import free_port
-from service_common.tls import ClientTls
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc, inference_pb2_grpc
 from shared_proto import inference_pb2 as ipb

@@ -14,7 +14,7 @@ import pytest
 from support import ServerThread, make_compositing_config, wait_until, write_small_avatar
 
 from compositing_service.session import BURST_GRACE_S, frames_to_cover
-from inference_service.audio import required_samples
+from lipsync_protocol.timing import required_samples
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc, inference_pb2
 

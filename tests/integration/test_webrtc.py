@@ -124,7 +124,9 @@ async def test_talking_peer_gets_paced_lip_synced_video_and_its_audio(gateway, c
     steps = np.diff(pts)
     # exactly one frame apart, but for ticks an overloaded encoder skipped (shed) on a busy machine
     assert set(steps % 3600) == {0} and np.mean(steps == 3600) >= 0.95, sorted(set(steps))
-    assert [m["n"] for m in stats] == list(range(len(stats)))
+    # one stats message per tick sent, in order: a shed tick (above) is never sent, so it has none
+    ns = np.array([m["n"] for m in stats])
+    assert ns[0] == 0 and (np.diff(ns) >= 1).all() and np.mean(np.diff(ns) == 1) >= 0.95, ns
     # aiortc's receiver counts pts from the first frame it got, which was tick 0 (loopback loses nothing)
     by_n = {m["n"]: m for m in stats}
     assert {p // 3600 for p in pts} <= set(by_n)

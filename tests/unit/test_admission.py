@@ -8,8 +8,8 @@ import time
 import pytest
 from support import wait_until_async
 
+from lipsync_protocol.errors import DeadlineExceeded, ResourceExhausted
 from service_common.admission import Admission
-from service_common.errors import DeadlineExceeded, ResourceExhausted
 
 
 async def hold(admission: Admission, release: asyncio.Event, order: list[int], tag: int, deadline=None) -> None:

@@ -12,7 +12,9 @@ import pytest
 import soxr
 
 from inference_service import audio as A
-from service_common.errors import InvalidArgument
+from lipsync_protocol import speech as S
+from lipsync_protocol import timing as T
+from lipsync_protocol.errors import InvalidArgument
 
 SPEECH = Path(__file__).resolve().parents[1] / "data" / "speech_16k.wav"
 
@@ -63,8 +65,8 @@ def reference_chunks(mel_t: np.ndarray) -> np.ndarray:
 def test_mel_matches_librosa_on_real_speech() -> None:
     x = speech()
     reference = librosa_mel(x)
-    mel = A.log_mel(x, 0, len(x), 0, A.mel_frame_count(len(x)))
-    assert mel.shape == reference.T.shape == (A.mel_frame_count(len(x)), 80)
+    mel = A.log_mel(x, 0, len(x), 0, T.mel_frame_count(len(x)))
+    assert mel.shape == reference.T.shape == (T.mel_frame_count(len(x)), 80)
     assert float(np.abs(mel - reference.T).max()) <= 1e-3
 
 
@@ -75,8 +77,8 @@ def test_mel_basis_is_librosas() -> None:
 
 def test_a_range_of_mel_frames_equals_the_same_frames_of_the_whole() -> None:
     x = speech()
-    whole = A.log_mel(x, 0, len(x), 0, A.mel_frame_count(len(x)))
-    for lo, hi in [(0, 5), (37, 90), (600, A.mel_frame_count(len(x)))]:
+    whole = A.log_mel(x, 0, len(x), 0, T.mel_frame_count(len(x)))
+    for lo, hi in [(0, 5), (37, 90), (600, T.mel_frame_count(len(x)))]:
         start, stop = max(0, lo * 200 - 401), min(len(x), (hi - 1) * 200 + 400)
         part = A.log_mel(x[start:stop], start, len(x), lo, hi)
         np.testing.assert_array_equal(part, whole[lo:hi])
@@ -86,10 +88,10 @@ def test_counts_and_chunks_follow_the_reference() -> None:
     x = speech()
     mel_t = librosa_mel(x).T
     expected_chunks = reference_chunks(mel_t)
-    assert A.chunk_count(len(x)) == len(expected_chunks)
-    assert A.utterance_frames(len(x)) == len(expected_chunks) + 2
-    mel = A.log_mel(x, 0, len(x), 0, A.mel_frame_count(len(x)))
-    chunks = A.mel_chunks(mel, 0, 0, A.chunk_count(len(x)), len(x))
+    assert T.chunk_count(len(x)) == len(expected_chunks)
+    assert T.utterance_frames(len(x)) == len(expected_chunks) + 2
+    mel = A.log_mel(x, 0, len(x), 0, T.mel_frame_count(len(x)))
+    chunks = A.mel_chunks(mel, 0, 0, T.chunk_count(len(x)), len(x))
     assert chunks.shape == (len(expected_chunks), 1, 80, 16)
     assert float(np.abs(chunks - expected_chunks).max()) <= 1e-3
 
@@ -102,13 +104,13 @@ def test_windows_and_encoder_shapes_match_the_reference(models_dir: Path, model:
     def encode(chunks: np.ndarray) -> np.ndarray:
         return session.run(None, {session.get_inputs()[0].name: chunks})[0]
 
-    total = A.utterance_frames(len(x))
-    raw = A.RawAudio(x.tobytes(), "f32le")
+    total = T.utterance_frames(len(x))
+    raw = S.RawAudio(x.tobytes(), "f32le")
     windows, frames = A.batch_features(raw, total, encode)
     assert frames == total and windows.shape == (total, 32, 16, 16)
-    mel = A.log_mel(x, 0, len(x), 0, A.mel_frame_count(len(x)))
-    embeddings = encode(A.mel_chunks(mel, 0, 0, A.chunk_count(len(x)), len(x)))
-    assert embeddings.shape == (A.chunk_count(len(x)), 512)
+    mel = A.log_mel(x, 0, len(x), 0, T.mel_frame_count(len(x)))
+    embeddings = encode(A.mel_chunks(mel, 0, 0, T.chunk_count(len(x)), len(x)))
+    assert embeddings.shape == (T.chunk_count(len(x)), 512)
     np.testing.assert_array_equal(windows, reference_windows(embeddings))
 
 
@@ -122,15 +124,15 @@ def test_batched_processing_equals_the_whole_utterance(models_dir: Path, batch: 
     def encode(chunks: np.ndarray) -> np.ndarray:
         return session.run(None, {"mel": chunks})[0]
 
-    total = A.utterance_frames(len(x))
-    whole, _ = A.batch_features(A.RawAudio(x.tobytes(), "f32le"), total, encode)
+    total = T.utterance_frames(len(x))
+    whole, _ = A.batch_features(S.RawAudio(x.tobytes(), "f32le"), total, encode)
     pcm = (x * 32768).astype("<i2")  # the s16le path too
-    whole_s16, _ = A.batch_features(A.RawAudio(pcm.tobytes(), "s16le"), total, encode)
+    whole_s16, _ = A.batch_features(S.RawAudio(pcm.tobytes(), "s16le"), total, encode)
     parts, parts_s16 = [], []
     for first in range(0, total + 3, batch):  # a little past the end: silent windows
-        lo, hi = A.required_samples(first, batch, len(x))
+        lo, hi = T.required_samples(first, batch, len(x))
         for target, data, enc in ((parts, x, "f32le"), (parts_s16, pcm, "s16le")):
-            raw = A.RawAudio(data[lo:hi].tobytes(), enc, offset=lo, utterance_samples=len(x), first_frame=first)
+            raw = S.RawAudio(data[lo:hi].tobytes(), enc, offset=lo, utterance_samples=len(x), first_frame=first)
             raw.check(batch)
             target.append(A.batch_features(raw, batch, encode)[0])
     batched = np.concatenate(parts)
@@ -141,9 +143,9 @@ def test_batched_processing_equals_the_whole_utterance(models_dir: Path, batch: 
 
 def test_window_that_misses_samples_is_refused() -> None:
     x = speech()
-    lo, hi = A.required_samples(50, 8, len(x))
+    lo, hi = T.required_samples(50, 8, len(x))
     assert 0 < lo < hi < len(x)
-    raw = A.RawAudio(x[lo + 200 : hi].tobytes(), "f32le", offset=lo + 200, utterance_samples=len(x), first_frame=50)
+    raw = S.RawAudio(x[lo + 200 : hi].tobytes(), "f32le", offset=lo + 200, utterance_samples=len(x), first_frame=50)
     with pytest.raises(InvalidArgument, match="need utterance samples"):
         raw.check(8)
 
@@ -152,9 +154,9 @@ def test_window_that_misses_samples_is_refused() -> None:
 def test_other_rates_are_resampled_like_librosa_load(rate: int) -> None:
     x = speech()
     resampled_in = soxr.resample(x, 16000, rate, quality="HQ").astype(np.float32)
-    raw = A.RawAudio(resampled_in.tobytes(), "f32le", sample_rate=rate)
+    raw = S.RawAudio(resampled_in.tobytes(), "f32le", sample_rate=rate)
     raw.check(1)
-    samples, offset, length = raw.samples_16k()
+    samples, offset, length = A.samples_16k(raw)
     expected = librosa.resample(resampled_in, orig_sr=rate, target_sr=16000, res_type="soxr_hq")
     np.testing.assert_allclose(samples, expected, atol=1e-6)
     assert offset == 0 and abs(length - len(x)) <= 2
@@ -162,8 +164,8 @@ def test_other_rates_are_resampled_like_librosa_load(rate: int) -> None:
 
 def test_decode_pcm_scaling() -> None:
     pcm = np.array([-32768, 0, 16384, 32767], "<i2")
-    np.testing.assert_array_equal(A.decode_pcm(pcm.tobytes(), "s16le"), pcm / np.float32(32768))
+    np.testing.assert_array_equal(S.decode_pcm(pcm.tobytes(), "s16le"), pcm / np.float32(32768))
     with pytest.raises(InvalidArgument, match="empty"):
-        A.decode_pcm(b"", "s16le")
+        S.decode_pcm(b"", "s16le")
     with pytest.raises(InvalidArgument, match="audio_encoding"):
-        A.decode_pcm(b"\0\0", "u8")
+        S.decode_pcm(b"\0\0", "u8")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lipsync_protocol.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from service_common import auth
 from service_common.auth import AuthConfig, Limits, Principal, TokenBucket, TokenStore, bearer_token
-from service_common.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 
 
 def write_tokens(path: Path, tokens: list[dict]) -> Path:

@@ -16,7 +16,7 @@ from inference_service.config import BatchingConfig, OnnxConfig
 from inference_service.devices import Device
 from inference_service.engine import DeviceWorkers, LipSyncModel
 from inference_service.tensors import to_model_input
-from service_common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from lipsync_protocol.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 CPU = Device("cpu", -1, "cpu", 0, 1)
 

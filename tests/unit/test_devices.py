@@ -21,8 +21,8 @@ from inference_service.devices import (
     session_options,
 )
 from inference_service.registry import ModelRegistry
+from lipsync_protocol.errors import DeadlineExceeded, FailedPrecondition
 from service_common.config_source import ConfigError
-from service_common.errors import DeadlineExceeded, FailedPrecondition
 
 CUDA_AND_CPU = [CUDA_PROVIDER, CPU_PROVIDER]
 TWO_GPUS = [(0, "NVIDIA A10", 24 << 30), (1, "NVIDIA A10", 24 << 30)]

@@ -11,7 +11,7 @@ import pytest
 from inference_service.config import parse_config
 from inference_service.devices import select_devices
 from inference_service.registry import ModelRegistry
-from service_common.errors import InvalidArgument, NotFound, ResourceExhausted
+from lipsync_protocol.errors import InvalidArgument, NotFound, ResourceExhausted
 
 
 def registry_for(root: Path, **capacity) -> ModelRegistry:

@@ -9,9 +9,9 @@ import pytest
 
 from compositing_service.config import parse_config as parse_compositing
 from inference_service.config import parse_config as parse_inference
+from lipsync_protocol.channels import ClientTls, TlsError, channel_credentials, read_pem
 from service_common.cli import overrides_from, parser_for
 from service_common.config_source import ConfigError
-from service_common.tls import ClientTls, TlsError, channel_credentials, read_pem
 
 
 def pems(tmp_path: Path) -> tuple[Path, Path, Path]:

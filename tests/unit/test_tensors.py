@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference_service.tensors import audio_windows, batch_of, frombuffer, to_model_input, to_output_dtype
-from service_common.errors import InvalidArgument
+from inference_service.tensors import to_model_input, to_output_dtype
+from lipsync_protocol.errors import InvalidArgument
+from lipsync_protocol.tensors import audio_windows, batch_of, frombuffer
 
 
 def test_frombuffer_is_a_view_and_checks_whole_values() -> None:

@@ -1,8 +1,8 @@
-"""Errors raised by the plain (non-gRPC) classes of both services.
+"""Errors with the gRPC status code they travel as, and a message that names the field at fault.
 
-The work lives in plain classes that tests and the in-process mode call
-directly, so they cannot speak gRPC; each error carries the status code the
-servicer will translate it to, and a message that names the field at fault.
+Both sides use them: the services' plain classes (which tests and the in-process mode call directly, so they
+cannot speak gRPC) raise them for their servicers to translate, and the protocol's own checks of a request's
+fields (tensors, speech, timing) raise them whichever side runs the check.
 """
 
 from __future__ import annotations
