@@ -7,18 +7,15 @@ compositing service scale out: no request depends on another's state.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from lipsync_protocol.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from lipsync_protocol.errors import FailedPrecondition, InvalidArgument, NotFound
 from lipsync_protocol.geometry import Geometry
 from lipsync_protocol.inputs import avatar_scope, input_key
 from service_common.config_source import valid_model_id
-from service_common.metrics import NullEvents
-from service_common.usage import Usage, UsageClock, lfu_order
+from service_common.registry import LfuRegistry, Loaded, RegistryEvents
 
 from .cache import BackgroundCache, CachedFrame
 from .config import AvatarConfig, CompositingConfig
@@ -85,11 +82,13 @@ class Avatar:
         return CachedFrame.build(self.read_frame(index), self.rect(index), self.geometry, input_key(self.scope, index))
 
 
-@dataclass
-class AvatarEntry(Usage):
+@dataclass(kw_only=True)
+class AvatarEntry(Loaded):
     avatar: Avatar
-    loaded_unix_ms: int
-    load_time_ms: float
+
+    @property
+    def key(self) -> str:
+        return self.avatar.model_id
 
 
 def open_avatar(spec: AvatarConfig, config: CompositingConfig) -> Avatar:
@@ -101,16 +100,16 @@ def open_avatar(spec: AvatarConfig, config: CompositingConfig) -> Avatar:
         raise FailedPrecondition(f"model {spec.model_id}: broken avatar: {exc}") from exc
 
 
-class AvatarRegistry:
-    def __init__(self, config: CompositingConfig, cache: BackgroundCache) -> None:
+class AvatarRegistry(LfuRegistry[AvatarEntry]):
+    """This replica's avatars; their frames live in the background cache and leave it with them."""
+
+    noun = "avatar"
+
+    def __init__(self, config: CompositingConfig, cache: BackgroundCache, events: RegistryEvents | None = None) -> None:
+        super().__init__(events)
         self.config = config
         self.cache = cache
-        self._entries: dict[str, AvatarEntry] = {}
-        self._lock = threading.Lock()
-        self._load_lock = threading.Lock()
-        self._usage = UsageClock(self._lock)
-        self.evictions = 0
-        self.events = NullEvents()  # the server sets its metrics here
+        self.limit = f"capacity.max_models={config.max_models}"
 
     def spec(self, model_id: str) -> AvatarConfig:
         if not valid_model_id(model_id):
@@ -122,91 +121,42 @@ class AvatarRegistry:
         except KeyError:
             raise NotFound(f"model_id: unknown model {model_id!r} (configured: {sorted(self.config.models)})") from None
 
-    def get(self, model_id: str) -> AvatarEntry | None:
-        with self._lock:
-            return self._entries.get(model_id)
-
-    def entries(self) -> list[AvatarEntry]:
-        with self._lock:
-            return list(self._entries.values())
-
     def load(self, model_id: str, force_reload: bool = False) -> tuple[AvatarEntry, bool]:
         """The avatar's entry and whether this call loaded it (blocking: reads files)."""
         spec = self.spec(model_id)
-        with self._load_lock:
-            current = self.get(model_id)
-            if current is not None and not force_reload:
-                return current, False
-            started = time.perf_counter()
-            try:
-                avatar = open_avatar(spec, self.config)
-                if spec.preload_backgrounds:
-                    for index in range(avatar.num_frames)[: self.config.background_cache_frames]:
-                        self.cache.get(model_id, index, avatar.load_frame)
-            except BaseException:
-                self.events.model_load_failed(model_id)
-                raise
-            load_ms = (time.perf_counter() - started) * 1000.0
-            self.events.model_loaded(model_id, load_ms / 1000.0)
-            with self._lock:
-                others = [e for mid, e in self._entries.items() if mid != model_id]
-                excess = len(others) + 1 - self.config.max_models
-                victims = lfu_order(others)[: max(excess, 0)]
-                if len(victims) < excess:
-                    raise ResourceExhausted(
-                        f"no room for another avatar: {len(others)} loaded (capacity.max_models="
-                        f"{self.config.max_models}) and the others are serving requests; retry later",
-                        retry_after_ms=500,
-                    )
-                for victim in victims:
-                    del self._entries[victim.avatar.model_id]
-                    self.evictions += 1
-                if current is not None:
-                    del self._entries[model_id]
-                entry = AvatarEntry(avatar, int(time.time() * 1000), load_ms)
-                self._entries[model_id] = entry
-            for victim in victims:
-                self.cache.drop(victim.avatar.model_id)
-                self.events.model_evicted(victim.avatar.model_id)
-                log.info("evicted avatar %s", victim.avatar.model_id)
-            if current is not None:
-                self.cache.drop(model_id)
+        if force_reload:
+            self.cache.drop(model_id)  # the files may have changed: preloading must not find the old frames
+        entry, loaded, _ = self._load(model_id, lambda: self._open(spec), force=force_reload)
+        if loaded:
+            avatar = entry.avatar
             log.info(
                 "loaded avatar %s: %d frames %dx%d in %.0f ms",
                 model_id,
                 avatar.num_frames,
                 avatar.frame_shape[1],
                 avatar.frame_shape[0],
-                load_ms,
+                entry.load_time_ms,
             )
-            return entry, True
+        return entry, loaded
+
+    def _open(self, spec: AvatarConfig) -> AvatarEntry:
+        avatar = open_avatar(spec, self.config)
+        if spec.preload_backgrounds:
+            for index in range(avatar.num_frames)[: self.config.background_cache_frames]:
+                self.cache.get(spec.model_id, index, avatar.load_frame)
+        return AvatarEntry(avatar=avatar)
+
+    def _fits(self, remaining: list[AvatarEntry], new_size: int) -> bool:
+        return len(remaining) + 1 <= self.config.max_models
+
+    def _removed(self, entry: AvatarEntry, evicted: bool) -> None:
+        if self.get(entry.key) is None:  # evicted or unloaded; a reload dropped them before reading its own
+            self.cache.drop(entry.key)
 
     def unload(self, model_id: str) -> None:
         self.spec(model_id)
-        with self._load_lock:
-            with self._lock:
-                entry = self._entries.pop(model_id, None)
-            if entry is None:
-                raise NotFound(f"model_id: avatar {model_id!r} is not loaded")
-            self.cache.drop(model_id)
+        self._unload(model_id)
 
     def checkout(self, model_id: str) -> AvatarEntry:
         """The entry for a request, loading the avatar first if needed (blocking)."""
-        for _ in range(3):
-            entry = self.try_checkout(model_id)
-            if entry is not None:
-                return entry
-            self.load(model_id)
-        raise ResourceExhausted(
-            f"model_id: avatar {model_id!r} was evicted while loading; retry later", retry_after_ms=200
-        )
-
-    def try_checkout(self, model_id: str) -> AvatarEntry | None:
-        with self._lock:
-            entry = self._entries.get(model_id)
-            if entry is not None:
-                entry.in_flight += 1
-            return entry
-
-    def release(self, entry: AvatarEntry, frames: int = 0, inference_ms: float = 0.0) -> None:
-        self._usage.release(entry, frames, inference_ms)
+        return self._checkout(model_id, lambda: self.load(model_id))[0]

@@ -1,9 +1,9 @@
 """Per-frame image work of a batch, run in parallel on a thread pool.
 
 OpenCV's resize and JPEG encoder release the GIL, so threads scale on the
-cores without the cost of moving frames between processes. OpenCV's own
-internal threading is turned off: with a frame per thread it only adds
-contention (bench/README.md has the measurement).
+cores without the cost of moving frames between processes. The service turns
+OpenCV's own internal threading off when it starts (``opencv_single_threaded``):
+with a frame per thread it only adds contention (bench/README.md).
 
 JPEG frames are spliced by default (``output.jpeg_splicing``): only the
 restart intervals under the mouth are encoded, between the background's
@@ -59,6 +59,12 @@ class EncodeCounts:
     fallbacks: collections.Counter = field(default_factory=collections.Counter)
 
 
+def opencv_single_threaded() -> None:
+    """A process-wide setting, made once by the service's entry point: one frame per pool thread, no OpenCV
+    threads of its own beside them."""
+    cv2.setNumThreads(1)
+
+
 def _run_all(fn: Callable, items: Sequence) -> list:
     return [fn(item) for item in items]
 
@@ -73,7 +79,6 @@ class Compositor:
         splicing: bool = True,
         subsampling: str = "420",
     ) -> None:
-        cv2.setNumThreads(1)
         self.threads = threads or os.cpu_count() or 1
         self.output_format = output_format
         self.jpeg_quality = jpeg_quality

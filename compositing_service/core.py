@@ -66,10 +66,16 @@ class CompositeResult:
 
 
 class CompositingCore:
-    def __init__(self, config: CompositingConfig, backend: InferenceBackend | None = None) -> None:
+    def __init__(
+        self,
+        config: CompositingConfig,
+        backend: InferenceBackend | None = None,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
         self.config = config
+        self.metrics = metrics  # every batch (unary or session) is counted here when given
         self.cache = BackgroundCache(config.background_cache_bytes, config.background_cache_frames)
-        self.avatars = AvatarRegistry(config, self.cache)
+        self.avatars = AvatarRegistry(config, self.cache, metrics)
         self.backend = backend or make_backend(config)
         self.compositor = Compositor(
             config.composite_threads,
@@ -81,7 +87,6 @@ class CompositingCore:
         self.jpeg_counts: dict[str, list[int]] = {}  # per avatar: [spliced, encoded whole]
         self._tile_widths: weakref.WeakKeyDictionary[Avatar, int] = weakref.WeakKeyDictionary()
         self.version = __version__
-        self.metrics: ServiceMetrics | None = None  # set by the server: every batch (unary or session) is counted
 
     async def start(self) -> None:
         """Open the inference channels, preload avatars, and warm the path up (failures only logged)."""

@@ -14,6 +14,8 @@ from service_common.metrics import ServiceMetrics
 from service_common.serving import RunningServer, build_policy, serve_until_signal, start_grpc_server
 from shared_proto import compositing_pb2, compositing_pb2_grpc
 
+from . import __version__
+from .compositor import opencv_single_threaded
 from .config import CompositingConfig, load_config
 from .core import CompositingCore
 from .servicer import CompositingServicer
@@ -25,7 +27,7 @@ HEALTH_INTERVAL_S = 2.0
 HEAVY_METHODS = ("InferBatchComposite",)
 
 
-def core_metrics(core: CompositingCore, servicer: CompositingServicer, state: dict) -> Iterable[Metric]:
+def core_metrics(core: CompositingCore, servicer: CompositingServicer, watch: InferenceWatch) -> Iterable[Metric]:
     """Read at scrape time: the background cache per avatar, avatars, sessions, inference reachability."""
     hits = CounterMetricFamily("lipsync_cache_hits", "Background frame cache hits.", labels=["model"])
     misses = CounterMetricFamily("lipsync_cache_misses", "Background frame cache misses.", labels=["model"])
@@ -52,7 +54,7 @@ def core_metrics(core: CompositingCore, servicer: CompositingServicer, state: di
     sessions = GaugeMetricFamily("lipsync_sessions_active", "Streaming sessions open now.")
     sessions.add_metric([], servicer.active_sessions)
     reachable = GaugeMetricFamily("lipsync_inference_reachable", "1 while the inference service answers Health.")
-    reachable.add_metric([], 1 if state.get("inference_ok", True) else 0)
+    reachable.add_metric([], 1 if watch.reachable else 0)
     hop = core.backend.hop
     hop_calls = CounterMetricFamily("lipsync_hop_requests", "InferBatch calls to the inference service.")
     hop_calls.add_metric([], hop.requests)
@@ -102,29 +104,32 @@ def core_metrics(core: CompositingCore, servicer: CompositingServicer, state: di
     ]
 
 
-async def watch_inference(core: CompositingCore, running: RunningServer, state: dict | None = None) -> None:
-    """Keep grpc.health.v1 in step with the inference service's reachability (a replica without
-    inference is NOT_SERVING, so a load balancer or Kubernetes sends traffic elsewhere)."""
-    serving = True
-    state = {} if state is None else state
-    while True:
-        healthy = await core.backend.reachable() > 0
-        state["inference_ok"] = healthy
-        if healthy != serving:
-            log.warning("inference service %s: %s", core.backend.description, "reachable" if healthy else "unreachable")
-            await running.set_serving(healthy)
-            serving = healthy
-        await asyncio.sleep(HEALTH_INTERVAL_S)
+class InferenceWatch:
+    """Keeps grpc.health.v1 in step with the inference service's reachability (a replica without inference is
+    NOT_SERVING, so a load balancer or Kubernetes sends traffic elsewhere); the metrics read ``reachable``."""
+
+    def __init__(self, core: CompositingCore) -> None:
+        self.core = core
+        self.reachable = True
+
+    async def run(self, running: RunningServer) -> None:
+        while True:
+            healthy = await self.core.backend.reachable() > 0
+            if healthy != self.reachable:
+                state = "reachable" if healthy else "unreachable"
+                log.warning("inference service %s: %s", self.core.backend.description, state)
+                await running.set_serving(healthy)
+            self.reachable = healthy
+            await asyncio.sleep(HEALTH_INTERVAL_S)
 
 
-async def start_server(config: CompositingConfig, core: CompositingCore | None = None) -> RunningServer:
-    core = core or CompositingCore(config)
-    metrics = ServiceMetrics("compositing", core.version)
+async def start_server(config: CompositingConfig) -> RunningServer:
+    opencv_single_threaded()
+    metrics = ServiceMetrics("compositing", __version__)
+    core = CompositingCore(config, metrics=metrics)
     servicer = CompositingServicer(core)
-    state: dict = {}
-    metrics.add_collector(lambda: core_metrics(core, servicer, state))
-    core.metrics = metrics
-    core.avatars.events = metrics
+    watch = InferenceWatch(core)
+    metrics.add_collector(lambda: core_metrics(core, servicer, watch))
     policy = build_policy("compositing", config.serving, metrics, HEAVY_METHODS)
     await core.start()
     watcher: asyncio.Task | None = None
@@ -147,7 +152,7 @@ async def start_server(config: CompositingConfig, core: CompositingCore | None =
         policy=policy,
     )
     running.on_drain = servicer.end_sessions
-    watcher = asyncio.create_task(watch_inference(core, running, state))
+    watcher = asyncio.create_task(watch.run(running))
     log.info(
         "compositing service listening on %s:%d (%s; inference: %s)",
         config.host,

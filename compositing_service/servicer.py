@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import numpy as np
@@ -13,13 +15,13 @@ from lipsync_protocol.speech import RawAudio, encoding_name
 from lipsync_protocol.tensors import frombuffer, numpy_dtype
 from lipsync_protocol.timing import FPS, SAMPLE_RATE
 from service_common import request_log
-from service_common.grpc_glue import abort_with, deadline_of, translate_errors
+from service_common.grpc_glue import deadline_of, translate_errors, translate_stream_errors
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc as pb_grpc
 
 from .avatars import AvatarEntry
 from .core import CompositingCore
-from .session import SessionOptions, StreamSession
+from .session import SessionOptions, SessionStats, StreamSession
 
 log = logging.getLogger(__name__)
 
@@ -63,85 +65,92 @@ class SessionServicerMixin:
                 )
             )
 
-    async def StreamSession(self, request_iterator, context: grpc.aio.ServicerContext):
-        session = None
-        reader = None
-        counted = False
-        try:
-            first = await anext(aiter(request_iterator), None)
-            if first is None or first.WhichOneof("message") != "config":
-                raise InvalidArgument("config: the first SessionRequest must carry SessionConfig")
-            if self.active_sessions >= self.core.config.max_sessions:
-                raise ResourceExhausted(
-                    f"sessions: {self.active_sessions} open on this replica (session.max_sessions); retry later",
-                    retry_after_ms=1000,
-                )
-            self.active_sessions += 1
-            counted = True
+    @translate_stream_errors
+    async def StreamSession(
+        self, request_iterator: AsyncIterator[pb.SessionRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SessionResponse]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("message") != "config":
+            raise InvalidArgument("config: the first SessionRequest must carry SessionConfig")
+        with self._session_slot():
             session = StreamSession(
                 self.core,
                 session_options(first.config, self.core),
                 buffer_frames=self.core.config.session_buffer_frames,
                 max_audio_ahead_s=self.core.config.session_max_audio_ahead_s,
             )
-            await session.start()
-            self.open_sessions.add(session)
-            height, width = session.avatar.frame_shape
-            yield pb.SessionResponse(
-                started=pb.SessionStarted(
-                    session_id=session.session_id,
-                    frame_width=width,
-                    frame_height=height,
-                    fps=session.options.fps,
-                    num_background_frames=session.avatar.num_frames,
-                )
-            )
-
-            async def read() -> None:
-                try:
-                    async for request in request_iterator:
-                        kind = request.WhichOneof("message")
-                        if kind == "audio":
-                            await session.feed(request.audio.data)
-                        elif kind == "control":
-                            if request.control.interrupt:
-                                session.interrupt()
-                            if request.control.end_of_input:
-                                session.end_of_input()
-                        else:
-                            raise InvalidArgument("config: SessionConfig may only be sent first")
-                    session.close_input()
-                except asyncio.CancelledError:
-                    raise
-                except BaseException as exc:
-                    session.fail(exc)
-
-            reader = asyncio.create_task(read())
-            async for frame in session.frames():
-                yield pb.SessionResponse(frame=frame.to_proto())
-            stats = session.stats
-            request_log.note(model=session.options.model_id, frames=stats.frames)
-            yield pb.SessionResponse(
-                ended=pb.SessionEnded(
-                    frames=stats.frames,
-                    speech_frames=stats.speech_frames,
-                    idle_frames=stats.idle_frames,
-                    dropped_frames=stats.dropped_frames,
-                    audio_seconds=stats.audio_samples / SAMPLE_RATE,
-                )
-            )
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            await abort_with(context, exc, "StreamSession")
-        finally:
-            if reader is not None:
-                reader.cancel()
-            if session is not None:
+            reader = None
+            try:
+                await session.start()
+                self.open_sessions.add(session)
+                yield pb.SessionResponse(started=started_message(session))
+                reader = asyncio.create_task(read_requests(session, request_iterator))
+                async for frame in session.frames():
+                    yield pb.SessionResponse(frame=frame.to_proto())
+                request_log.note(model=session.options.model_id, frames=session.stats.frames)
+                yield pb.SessionResponse(ended=ended_message(session.stats))
+            finally:
+                if reader is not None:
+                    reader.cancel()
                 self.open_sessions.discard(session)
                 await session.close()
-            if counted:
-                self.active_sessions -= 1
+
+    @contextlib.contextmanager
+    def _session_slot(self) -> Iterator[None]:
+        """One of the replica's ``session.max_sessions``, held while the session lasts."""
+        if self.active_sessions >= self.core.config.max_sessions:
+            raise ResourceExhausted(
+                f"sessions: {self.active_sessions} open on this replica (session.max_sessions); retry later",
+                retry_after_ms=1000,
+            )
+        self.active_sessions += 1
+        try:
+            yield
+        finally:
+            self.active_sessions -= 1
+
+
+async def read_requests(session: StreamSession, requests: AsyncIterator[pb.SessionRequest]) -> None:
+    """The client's side of a session after its config: audio and controls until it closes; a bad message (or
+    a failure feeding it) ends the session with its status."""
+    try:
+        async for request in requests:
+            kind = request.WhichOneof("message")
+            if kind == "audio":
+                await session.feed(request.audio.data)
+            elif kind == "control":
+                if request.control.interrupt:
+                    session.interrupt()
+                if request.control.end_of_input:
+                    session.end_of_input()
+            else:
+                raise InvalidArgument("config: SessionConfig may only be sent first")
+        session.close_input()
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        session.fail(exc)
+
+
+def started_message(session: StreamSession) -> pb.SessionStarted:
+    height, width = session.avatar.frame_shape
+    return pb.SessionStarted(
+        session_id=session.session_id,
+        frame_width=width,
+        frame_height=height,
+        fps=session.options.fps,
+        num_background_frames=session.avatar.num_frames,
+    )
+
+
+def ended_message(stats: SessionStats) -> pb.SessionEnded:
+    return pb.SessionEnded(
+        frames=stats.frames,
+        speech_frames=stats.speech_frames,
+        idle_frames=stats.idle_frames,
+        dropped_frames=stats.dropped_frames,
+        audio_seconds=stats.audio_samples / SAMPLE_RATE,
+    )
 
 
 class CompositingServicer(SessionServicerMixin, pb_grpc.CompositingServiceServicer):

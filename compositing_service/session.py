@@ -154,6 +154,7 @@ class StreamSession:
         self._room = asyncio.Condition()
         self._drained = asyncio.Condition()
         self._batch_added = asyncio.Event()  # wakes the emitter without polling
+        self._scheduled = asyncio.Event()  # an utterance's frames were scheduled, or the session changed course
         self._utterance: _Utterance | None = None
         self._utterances = 0
         self._next_session_frame = 0
@@ -195,9 +196,13 @@ class StreamSession:
 
     async def _drain_utterance(self) -> None:
         """Wait until the ended utterance has scheduled all its frames (they keep their place on the timeline)."""
-        while self._utterance is not None and self._utterance.next_frame < self._utterance.total_frames:
+        while True:
             self._raise_if_failed()
-            await asyncio.sleep(0.005)
+            u = self._utterance
+            if u is None or u.next_frame >= u.total_frames:
+                return
+            self._scheduled.clear()
+            await self._scheduled.wait()
 
     def end_of_input(self) -> None:
         utterance = self._utterance
@@ -222,6 +227,7 @@ class StreamSession:
             first = self._utterance.first_session_frame
             self._next_session_frame = max(first + self._utterance.next_frame, self._next_session_frame)
             self._utterance = None
+            self._scheduled.set()
         while not self._out.empty():
             item = self._out.get_nowait()
             if isinstance(item, Frame):
@@ -239,6 +245,7 @@ class StreamSession:
             self._failed = exc
             self._out.put_nowait(exc)
             self._wake.set()
+            self._scheduled.set()
 
     # -- output side --------------------------------------------------------
 
@@ -324,6 +331,7 @@ class StreamSession:
                     self._batches.append(asyncio.create_task(self._batch(u, u.next_frame, count, raw)))
                     self._batch_added.set()
                     u.next_frame += count
+                    self._scheduled.set()
                     u.trim(self._keep_from(u))
                     async with self._room:
                         self._room.notify_all()

@@ -19,6 +19,7 @@ from lipsync_protocol.errors import FailedPrecondition, InvalidArgument
 from lipsync_protocol.inputs import FULL_CHANNELS, REAL_CHANNELS, check_key
 from lipsync_protocol.speech import RawAudio
 from lipsync_protocol.tensors import audio_windows, batch_of
+from service_common.registry import RegistryEvents
 
 from . import __version__
 from .batching import Batcher, Done, run_requests
@@ -81,10 +82,12 @@ class DeviceStatus:
 
 
 class InferenceCore:
-    def __init__(self, config: InferenceConfig, devices: list[Device] | None = None) -> None:
+    def __init__(
+        self, config: InferenceConfig, devices: list[Device] | None = None, events: RegistryEvents | None = None
+    ) -> None:
         self.config = config
         self.devices = devices if devices is not None else select_devices(config)
-        self.registry = ModelRegistry(config, self.devices)
+        self.registry = ModelRegistry(config, self.devices, events=events)
         self.workers = {d.label: DeviceWorkers(d, config.max_queue_per_device) for d in self.devices}
         self.batchers: dict[tuple[str, str], Batcher] = {}
         self.inputs = InputCache(config.input_cache_bytes)
@@ -139,6 +142,46 @@ class InferenceCore:
         """
         if isinstance(visual, np.ndarray):
             visual = VisualBatch(visual)
+        output = np.dtype(output_dtype)
+        use_features = audio_features is not None and audio_features.size > 0
+        self._check_request(visual, batch_size, output, use_features or raw_audio is not None)
+        entry, load = await self._checkout(model_id)
+        counted = 0  # frames this request has added to its device's count (least-loaded placement reads it)
+        try:
+            model = entry.model
+            frames_in = self._visual_input(model, visual, batch_size)
+            audio = self._audio_input(
+                model, len(frames_in), audio_features if use_features else None, audio_shape, raw_audio
+            )
+            self.registry.begin_frames(entry, len(frames_in))
+            counted = len(frames_in)
+            if entry.spec.batching.enabled:
+                batcher = self._batcher(model, entry.spec.batching)
+                shared = await batcher.submit(frames_in, audio, output, client, deadline)
+                result = InferResult(
+                    outputs=shared.outputs,
+                    inference_ms=shared.inference_ms,
+                    queue_ms=shared.queue_ms,
+                    audio_ms=shared.audio_ms,
+                    worker_id=shared.worker_id,
+                    device=model.device,
+                    load=load,
+                    utterance_frames=shared.utterance_frames,
+                    batch_frames=shared.batch_frames,
+                    batch_requests=shared.batch_requests,
+                )
+            else:
+                result = await self._run_alone(model, frames_in, audio, output, deadline, load)
+        except BaseException:
+            self.registry.release(entry)
+            raise
+        finally:
+            self.registry.end_frames(entry, counted)
+        self.registry.release(entry, counted, result.inference_ms)
+        return result
+
+    def _check_request(self, visual: VisualBatch, batch_size: int, output: np.dtype, has_audio: bool) -> None:
+        """What needs no model: fail in microseconds, before a checkout or a load."""
         if batch_size < 0:
             raise InvalidArgument(
                 f"batch_size: expected 0 (infer) or 1..{self.config.max_batch_size}, got {batch_size}"
@@ -147,78 +190,65 @@ class InferenceCore:
             raise InvalidArgument(f"visual_frames: expected uint8 or float32, got {visual.pixels.dtype}")
         if visual.channels not in (FULL_CHANNELS, REAL_CHANNELS):
             raise InvalidArgument(f"visual_channels: expected 6 (or 0) or 3, got {visual.channels}")
-        if np.dtype(output_dtype) not in (np.uint8, np.float32):
-            raise InvalidArgument(f"output_dtype: expected uint8 or float32, got {np.dtype(output_dtype)}")
-        use_features = audio_features is not None and audio_features.size > 0
-        if not use_features and raw_audio is None:
+        if output not in (np.uint8, np.float32):
+            raise InvalidArgument(f"output_dtype: expected uint8 or float32, got {output}")
+        if not has_audio:
             raise InvalidArgument("audio_features: required (float32 [32,16,16] or [B,32,16,16]), or raw_audio")
-        entry, load = await self._checkout(model_id)
-        counted = 0  # frames this request has added to its device's count (least-loaded placement reads it)
-        try:
-            model = entry.model
-            frames_in = self._visual_input(model, visual, batch_size)
-            frames = len(frames_in)
-            if frames > self.config.max_batch_size:
-                raise InvalidArgument(
-                    f"batch_size: expected at most {self.config.max_batch_size} frames "
-                    f"(server.max_batch_size), got {frames}"
-                )
-            if use_features:
-                audio: np.ndarray | RawAudio = audio_windows(
-                    audio_features.reshape(-1), model.audio_shape, frames, audio_shape
-                )
-            else:
-                if model.encoder is None:
-                    raise FailedPrecondition(
-                        f"raw_audio: model {model_id!r} has no audio encoder (set models.{model_id}.audio_encoder_path "
-                        "or the top-level audio_encoder_path); send audio_features"
-                    )
-                raw_audio.check(frames)
-                audio = raw_audio
-            self.registry.begin_frames(entry, frames)
-            counted = frames
-            if entry.spec.batching.enabled:
-                shared = await self._batcher(model, entry.spec.batching).submit(
-                    frames_in, audio, np.dtype(output_dtype), client, deadline
-                )
-                result = InferResult(
-                    shared.outputs,
-                    shared.inference_ms,
-                    shared.queue_ms,
-                    shared.audio_ms,
-                    shared.worker_id,
-                    model.device,
-                    load,
-                    shared.utterance_frames,
-                    shared.batch_frames,
-                    shared.batch_requests,
-                )
-            else:
-                pool = self.workers[model.device.label]
-                items = [(frames_in, audio, np.dtype(output_dtype))]
-                run = await pool.run(run_requests, model, items, deadline=deadline)
-                done: Done = run.value
-                if done.errors[0] is not None:
-                    raise done.errors[0]
-                result = InferResult(
-                    done.outputs[0],
-                    run.run_ms - done.audio_ms[0],  # conversions and the forward pass
-                    run.queue_ms,
-                    done.audio_ms[0],
-                    run.worker_id,
-                    model.device,
-                    load,
-                    done.utterance_frames[0],
-                    frames,
-                    1,
-                )
-        except BaseException:
-            self.registry.release(entry)
-            raise
-        finally:
-            self.registry.end_frames(entry, counted)
-        self.registry.release(entry, frames, result.inference_ms)
-        return result
+
+    def _audio_input(
+        self,
+        model: LipSyncModel,
+        frames: int,
+        features: np.ndarray | None,
+        shape: tuple[int, ...] | list[int],
+        raw: RawAudio | None,
+    ) -> np.ndarray | RawAudio:
+        """The batch's audio: windows [frames, 32, 16, 16] as sent, or speech the model's encoder will turn into
+        them on the worker."""
+        if frames > self.config.max_batch_size:
+            raise InvalidArgument(
+                f"batch_size: expected at most {self.config.max_batch_size} frames (server.max_batch_size), "
+                f"got {frames}"
+            )
+        if features is not None:
+            return audio_windows(features.reshape(-1), model.audio_shape, frames, shape)
+        if model.encoder is None:
+            raise FailedPrecondition(
+                f"raw_audio: model {model.model_id!r} has no audio encoder (set models.{model.model_id}."
+                "audio_encoder_path or the top-level audio_encoder_path); send audio_features"
+            )
+        assert raw is not None  # _check_request saw one or the other
+        raw.check(frames)
+        return raw
+
+    async def _run_alone(
+        self,
+        model: LipSyncModel,
+        visual: np.ndarray | list[Crop],
+        audio: np.ndarray | RawAudio,
+        output: np.dtype,
+        deadline: float | None,
+        load: LoadOutcome | None,
+    ) -> InferResult:
+        """One forward pass of this request's frames alone, on a worker of the model's device."""
+        run = await self.workers[model.device.label].run(
+            run_requests, model, [(visual, audio, output)], deadline=deadline
+        )
+        done: Done = run.value
+        if done.errors[0] is not None:
+            raise done.errors[0]
+        return InferResult(
+            outputs=done.outputs[0],
+            inference_ms=run.run_ms - done.audio_ms[0],  # conversions and the forward pass
+            queue_ms=run.queue_ms,
+            audio_ms=done.audio_ms[0],
+            worker_id=run.worker_id,
+            device=model.device,
+            load=load,
+            utterance_frames=done.utterance_frames[0],
+            batch_frames=len(visual),
+            batch_requests=1,
+        )
 
     def _visual_input(self, model: LipSyncModel, visual: VisualBatch, batch_size: int) -> np.ndarray | list[Crop]:
         """The frames' model inputs: whole [B, 6, H, W] arrays, or crops (sent now, or held under their keys)."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,8 +24,7 @@ from pathlib import Path
 
 from lipsync_protocol.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from service_common.config_source import valid_model_id
-from service_common.metrics import NullEvents
-from service_common.usage import Usage, UsageClock, lfu_order
+from service_common.registry import LfuRegistry, Loaded, RegistryEvents
 
 from .config import InferenceConfig, ModelConfig
 from .devices import Device
@@ -45,16 +43,18 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-@dataclass
-class ModelEntry(Usage):
+@dataclass(kw_only=True)
+class ModelEntry(Loaded):
     spec: ModelConfig
     model: LipSyncModel
-    loaded_unix_ms: int
-    load_time_ms: float
     resident: bool = True
 
     @property
     def model_id(self) -> str:
+        return self.spec.model_id
+
+    @property
+    def key(self) -> str:
         return self.spec.model_id
 
     @property
@@ -73,26 +73,25 @@ class LoadOutcome:
 ModelFactory = Callable[[ModelConfig, Device], LipSyncModel]
 
 
-class ModelRegistry:
+class ModelRegistry(LfuRegistry[ModelEntry]):
+    noun = "model"
+
     def __init__(
         self,
         config: InferenceConfig,
         devices: list[Device],
         model_factory: ModelFactory | None = None,
+        events: RegistryEvents | None = None,
     ) -> None:
+        super().__init__(events)
         self.config = config
         self.devices = devices
+        self.limit = f"capacity.max_models={config.max_models}"
         self._factory = model_factory or self._default_factory
-        self._entries: dict[str, ModelEntry] = {}
         self._dynamic: dict[str, ModelConfig] = {}
-        self._lock = threading.Lock()
-        self._load_lock = threading.Lock()
         self._round_robin = itertools.count()
-        self._usage = UsageClock(self._lock)
         self._frames: Counter[str] = Counter()  # device label -> frames of requests run or queued there
         self._dedicated = self._dedicated_gpus()
-        self.evictions = 0
-        self.events = NullEvents()  # the server sets its metrics here
 
     # -- model specs -------------------------------------------------------
 
@@ -230,92 +229,52 @@ class ModelRegistry:
         with self._lock:
             return self._frames[device.label]
 
-    def _victims(self, new_bytes: int, replacing: str | None) -> list[ModelEntry]:
-        """LFU-ordered idle models to evict so that one more of ``new_bytes`` fits (lock held)."""
-        others = [e for mid, e in self._entries.items() if mid != replacing]
-        count = len(others)
-        memory = sum(e.memory_bytes for e in others)
+    def _fits(self, remaining: list[ModelEntry], new_size: int) -> bool:
         max_memory = self.config.max_memory_bytes
-
-        def fits() -> bool:
-            return count + 1 <= self.config.max_models and (not max_memory or memory + new_bytes <= max_memory)
-
-        if max_memory and new_bytes > max_memory:
+        if max_memory and new_size > max_memory:
             raise ResourceExhausted(
-                f"model needs {new_bytes} bytes, more than capacity.max_memory_gb allows ({max_memory} bytes)"
+                f"model needs {new_size} bytes, more than capacity.max_memory_gb allows ({max_memory} bytes)"
             )
-        victims: list[ModelEntry] = []
-        for entry in lfu_order(others):
-            if fits():
-                break
-            victims.append(entry)
-            count -= 1
-            memory -= entry.memory_bytes
-        if not fits():
-            raise ResourceExhausted(
-                f"no room for another model: {len(others)} loaded (capacity.max_models={self.config.max_models}) "
-                "and every candidate for eviction is serving requests; retry later",
-                retry_after_ms=500,
-            )
-        return victims
+        memory = sum(e.memory_bytes for e in remaining)
+        return len(remaining) + 1 <= self.config.max_models and (not max_memory or memory + new_size <= max_memory)
+
+    def _size(self, entry: ModelEntry) -> int:
+        return entry.memory_bytes
+
+    def _removed(self, entry: ModelEntry, evicted: bool) -> None:
+        entry.resident = False  # requests holding it finish; nothing new reaches it
 
     # -- load / unload -----------------------------------------------------
 
     def load(self, model_id: str, force_reload: bool = False, model_path: str = "") -> LoadOutcome:
         spec = self.spec_for(model_id, model_path)
-        with self._load_lock:
+        estimate = spec.model_path.stat().st_size if spec.model_path.is_file() else 0
+        entry, loaded, evicted = self._load(
+            model_id,
+            lambda: ModelEntry(spec=spec, model=self._factory(spec, self._place(spec))),
+            force=force_reload,
+            keep=lambda current: not model_path or current.spec == spec,
+            estimate=estimate,
+        )
+        if not loaded:
+            return LoadOutcome(entry, entry.load_time_ms, already_loaded=True)
+        if model_id not in self.config.models:
             with self._lock:
-                current = self._entries.get(model_id)
-                if current is not None and not force_reload and (not model_path or current.spec == spec):
-                    return LoadOutcome(current, current.load_time_ms, already_loaded=True)
-                estimate = spec.model_path.stat().st_size if spec.model_path.is_file() else 0
-                self._victims(estimate, replacing=model_id)  # fail fast before the heavy part
-            device = self._place(spec)
-            started = time.perf_counter()
-            try:
-                model = self._factory(spec, device)
-            except BaseException:
-                self.events.model_load_failed(model_id)
-                raise
-            load_ms = (time.perf_counter() - started) * 1000.0
-            self.events.model_loaded(model_id, load_ms / 1000.0)
-            with self._lock:
-                victims = self._victims(model.memory_bytes, replacing=model_id)
-                for victim in victims:
-                    self._evict(victim)
-                previous = self._entries.get(model_id)
-                if previous is not None:
-                    previous.resident = False
-                entry = ModelEntry(spec, model, now_ms(), load_ms)
-                self._entries[model_id] = entry
-                if model_id not in self.config.models:
-                    self._dynamic[model_id] = spec
-            log.info(
-                "loaded model %s on %s in %.0f ms (%d bytes)%s",
-                model_id,
-                device.label,
-                load_ms,
-                model.memory_bytes,
-                f", evicted {[v.model_id for v in victims]}" if victims else "",
-            )
-            return LoadOutcome(entry, load_ms, already_loaded=False, evicted=[v.model_id for v in victims])
-
-    def _evict(self, entry: ModelEntry) -> None:
-        del self._entries[entry.model_id]
-        entry.resident = False
-        self.evictions += 1
-        self.events.model_evicted(entry.model_id)
-        log.info("evicted model %s (usage %d)", entry.model_id, entry.usage_count)
+                self._dynamic[model_id] = spec
+        log.info(
+            "loaded model %s on %s in %.0f ms (%d bytes)%s",
+            model_id,
+            entry.model.device.label,
+            entry.load_time_ms,
+            entry.memory_bytes,
+            f", evicted {evicted}" if evicted else "",
+        )
+        return LoadOutcome(entry, entry.load_time_ms, already_loaded=False, evicted=evicted)
 
     def unload(self, model_id: str) -> None:
         if not valid_model_id(model_id):
             raise InvalidArgument("model_id: expected 1-128 letters, digits, '.', '_' or '-'")
-        with self._load_lock, self._lock:
-            entry = self._entries.pop(model_id, None)
-            if entry is None:
-                raise NotFound(f"model_id: model {model_id!r} is not loaded")
-            entry.resident = False
-        log.info("unloaded model %s", model_id)
+        self._unload(model_id)
 
     def preload(self) -> None:
         for model_id, spec in self.config.models.items():
@@ -324,33 +283,6 @@ class ModelRegistry:
 
     # -- use ---------------------------------------------------------------
 
-    def try_checkout(self, model_id: str) -> ModelEntry | None:
-        """Non-blocking: the loaded entry with its in-flight count raised, or None."""
-        with self._lock:
-            entry = self._entries.get(model_id)
-            if entry is not None:
-                entry.in_flight += 1
-            return entry
-
     def checkout(self, model_id: str) -> tuple[ModelEntry, LoadOutcome | None]:
         """The entry for a request, loading it first if needed (blocking)."""
-        outcome = None
-        for _ in range(3):
-            entry = self.try_checkout(model_id)
-            if entry is not None:
-                return entry, outcome
-            outcome = self.load(model_id)
-        raise ResourceExhausted(
-            f"model_id: model {model_id!r} was evicted while loading; retry later", retry_after_ms=200
-        )
-
-    def release(self, entry: ModelEntry, frames: int = 0, inference_ms: float = 0.0) -> None:
-        self._usage.release(entry, frames, inference_ms)
-
-    def entries(self) -> list[ModelEntry]:
-        with self._lock:
-            return list(self._entries.values())
-
-    def get(self, model_id: str) -> ModelEntry | None:
-        with self._lock:
-            return self._entries.get(model_id)
+        return self._checkout(model_id, lambda: self.load(model_id))

@@ -13,6 +13,7 @@ from service_common.metrics import ServiceMetrics
 from service_common.serving import RunningServer, build_policy, serve_until_signal, start_grpc_server
 from shared_proto import inference_pb2
 
+from . import __version__
 from .config import InferenceConfig, load_config
 from .core import InferenceCore
 from .servicer import InferenceServicer, add_to_server
@@ -57,12 +58,11 @@ def core_metrics(core: InferenceCore) -> Iterable[Metric]:
     return [workers, active, queued, models, memory, frames, loaded, passes, batched, waiting]
 
 
-async def start_server(config: InferenceConfig, core: InferenceCore | None = None) -> RunningServer:
+async def start_server(config: InferenceConfig) -> RunningServer:
     """Preload, then serve on ``config.host:config.port`` (port 0 picks a free one)."""
-    core = core or InferenceCore(config)
-    metrics = ServiceMetrics("inference", core.version)
+    metrics = ServiceMetrics("inference", __version__)
+    core = InferenceCore(config, events=metrics)
     metrics.add_collector(lambda: core_metrics(core))
-    core.registry.events = metrics
     policy = build_policy("inference", config.serving, metrics, HEAVY_METHODS)
     await core.start()
 

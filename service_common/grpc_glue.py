@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -38,6 +38,24 @@ def translate_errors(
         except Exception as exc:
             await abort_with(context, exc, method.__name__)
         raise AssertionError("unreachable")  # abort always raises
+
+    return wrapper
+
+
+def translate_stream_errors(
+    method: Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[R]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[R]]:
+    """``translate_errors`` for a streaming method: what it raises ends the stream with its status."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[R]:
+        try:
+            async for response in method(self, requests, context):
+                yield response
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await abort_with(context, exc, method.__name__)
 
     return wrapper
 

@@ -175,7 +175,7 @@ def test_session_api_utterances_and_errors(services) -> None:
         assert err.value.code == grpc.StatusCode.NOT_FOUND
         with pytest.raises(LipsyncError, match="NaN"):
             client.stream("demo", np.full(8000, np.nan, np.float32))
-        with pytest.raises(LipsyncError, match="chunk-ms"):
+        with pytest.raises(LipsyncError, match="chunk_ms: expected > 0"):
             client.stream("demo", pcm[:8000].astype(np.float32), chunk_ms=0)
 
 
