@@ -140,15 +140,10 @@ async def start_server(config: CompositingConfig) -> RunningServer:
         await core.close()
 
     running = await start_grpc_server(
-        host=config.host,
-        port=config.port,
-        max_message_bytes=config.max_message_bytes,
+        config,
         register=lambda server: compositing_pb2_grpc.add_CompositingServiceServicer_to_server(servicer, server),
         service_names=[SERVICE_NAME],
-        grace_seconds=config.grace_seconds,
         on_stop=on_stop,
-        max_connection_age_s=config.max_connection_age_s,
-        serving=config.serving,
         policy=policy,
     )
     running.on_drain = servicer.end_sessions

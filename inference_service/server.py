@@ -70,15 +70,10 @@ async def start_server(config: InferenceConfig) -> RunningServer:
         core.close()
 
     running = await start_grpc_server(
-        host=config.host,
-        port=config.port,
-        max_message_bytes=config.max_message_bytes,
+        config,
         register=lambda server: add_to_server(InferenceServicer(core, metrics), server),
         service_names=[SERVICE_NAME],
-        grace_seconds=config.grace_seconds,
         on_stop=on_stop,
-        max_connection_age_s=config.max_connection_age_s,
-        serving=config.serving,
         policy=policy,
     )
     log.info(

@@ -7,6 +7,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -89,20 +90,35 @@ def build_policy(
     )
 
 
+class ListenConfig(Protocol):
+    """What both services' configs say about serving (InferenceConfig and CompositingConfig have it all)."""
+
+    host: str
+    port: int
+    grace_seconds: float
+    max_connection_age_s: float
+    serving: ServingConfig
+
+    @property
+    def max_message_bytes(self) -> int: ...
+
+
 async def start_grpc_server(
+    config: ListenConfig,
     *,
-    host: str,
-    port: int,
-    max_message_bytes: int,
     register: Callable[[grpc.aio.Server], None],
     service_names: Sequence[str],
-    grace_seconds: float,
     on_stop: Callable[[], Awaitable[None]],
-    serving: ServingConfig,
     policy: CallPolicy,
-    max_connection_age_s: float = 0.0,
 ) -> RunningServer:
-    """A grpc.aio server with the given services, grpc.health.v1 and reflection, started and SERVING."""
+    """A grpc.aio server with the given services, grpc.health.v1 and reflection, started and SERVING, on the
+    address and with the serving settings ``config`` gives."""
+    host, port, serving = config.host, config.port, config.serving
+    max_message_bytes, max_connection_age_s, grace_seconds = (
+        config.max_message_bytes,
+        config.max_connection_age_s,
+        config.grace_seconds,
+    )
     server = grpc.aio.server(
         options=server_options(max_message_bytes, max_connection_age_s),
         interceptors=[ServiceInterceptor(policy)],
