@@ -56,7 +56,7 @@ models: install
 bench: bench-inference bench-image-libs bench-compositing bench-splice bench-cluster bench-stream bench-hardening bench-batching bench-webrtc
 
 bench-inference: install
-	$(PY) bench/bench_inference.py --models-dir $(MODELS_DIR) --out bench/results/inference.json
+	$(PY) -m bench.inference --models-dir $(MODELS_DIR) --out bench/results/inference.json
 
 bench-cluster: system-deps install
 	$(PY) bench/bench_cluster.py --models-dir $(MODELS_DIR) --out bench/results/cluster.json

@@ -169,7 +169,7 @@ def block_runner(
         frames = len(done) * client.batch
         server = sum(used[p] for p in procs_of(mode, fleet))
         return {
-            "fps": round(throughput(done, client.batch), 2),
+            "fps": round(throughput(done.stamps, client.batch), 2),
             "server_cpu_ms_per_frame": round(server * 1000 / frames, 3),
             "other_cpu_pct": round(used["other"] / used["wall"] * 100, 1),
         }
