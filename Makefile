@@ -65,7 +65,7 @@ bench-image-libs: install
 	$(PY) bench/bench_image_libs.py --models-dir $(MODELS_DIR) --out bench/results/image_libs.json
 
 bench-compositing: install
-	$(PY) -m bench.bench_compositing --models-dir $(MODELS_DIR) --out bench/results/compositing.json
+	$(PY) -m bench.compositing --models-dir $(MODELS_DIR) --out bench/results/compositing.json
 
 bench-splice: install
 	$(PY) bench/splice_micro.py --out bench/results/splice_micro.json

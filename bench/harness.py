@@ -402,17 +402,21 @@ def neighbour_ratios(references: Sequence[float], candidates: Sequence[float]) -
 
 
 def interleaved(
-    run: Callable[[str], dict[str, Any]], reference: str, schedule: Sequence[str], key: str = "fps"
+    run: Callable[[str], dict[str, Any]],
+    reference: str,
+    schedule: Sequence[str],
+    key: str = "fps",
+    label: str | None = "mode",
 ) -> dict[str, Any]:
     """Blocks reference, schedule[0], reference, schedule[1], ..., reference.
 
     Per candidate mode: ``ratios`` (each of its blocks' ``key`` over the geometric mean of the reference blocks
-    around it); ``references`` (those geometric means, block by block); ``blocks`` as ``run`` reported them, with
-    their ``mode``, in order.
+    around it); ``references`` (those geometric means, block by block); ``blocks`` as ``run`` reported them, in
+    order, each with its mode under ``label`` (None: ``run`` names it itself).
     """
-    blocks = [_block(run, reference)]
+    blocks = [_block(run, reference, label)]
     for mode in schedule:
-        blocks += [_block(run, mode), _block(run, reference)]
+        blocks += [_block(run, mode, label), _block(run, reference, label)]
     refs = [b[key] for b in blocks[0::2]]
     ratios = neighbour_ratios(refs, [b[key] for b in blocks[1::2]])
     by_mode: dict[str, list[float]] = {}
@@ -423,18 +427,23 @@ def interleaved(
 
 
 def paired(
-    run: Callable[[str], dict[str, Any]], reference: str, candidate: str, blocks: int, key: str = "fps"
+    run: Callable[[str], dict[str, Any]],
+    reference: str,
+    candidate: str,
+    blocks: int,
+    key: str = "fps",
+    label: str | None = "mode",
 ) -> dict[str, Any]:
     """``blocks`` (odd) alternating blocks; the candidate's median ratio, every ratio and every block."""
     if blocks < 3 or blocks % 2 == 0:
         raise ValueError("paired blocks: an odd count of at least 3")
-    out = interleaved(run, reference, [candidate] * (blocks // 2), key)
+    out = interleaved(run, reference, [candidate] * (blocks // 2), key, label)
     ratios = out["ratios"][candidate]
     return {"ratio": round(median(ratios), 4), "ratios": ratios, "blocks": out["blocks"]}
 
 
-def _block(run: Callable[[str], dict[str, Any]], mode: str) -> dict[str, Any]:
-    block = {"mode": mode, **run(mode)}
-    shown = "  ".join(f"{n} {v}" for n, v in block.items() if n != "mode" and not isinstance(v, dict | list))
+def _block(run: Callable[[str], dict[str, Any]], mode: str, label: str | None) -> dict[str, Any]:
+    block = {label: mode, **run(mode)} if label else run(mode)
+    shown = "  ".join(f"{n} {v}" for n, v in block.items() if n != label and not isinstance(v, dict | list))
     log(f"  {mode:28s} {shown}")
     return block

@@ -117,7 +117,8 @@ def bench_model(bench: Bench, seconds: float, threads: int) -> dict[str, Any]:
     log(f"{bench.model_id}: warming up (batch {bench.plan.batch}, {threads} threads)")
     replies, correctness = bench.warm_up()
     log(f"{bench.model_id}: {len(SCHEDULE)} service blocks between bare blocks, ~{seconds:.1f} s each")
-    out = harness.interleaved(lambda mode: bench.block(mode, seconds), "bare", [m.name for m in SCHEDULE])
+    schedule = [m.name for m in SCHEDULE]
+    out = harness.interleaved(lambda mode: bench.block(mode, seconds), "bare", schedule, label=None)
     bare_blocks, service_blocks = out["blocks"][0::2], out["blocks"][1::2]
     for block, reference in zip(service_blocks, out["references"], strict=True):
         block["bare_ref_fps"] = round(reference, 3)

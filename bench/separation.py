@@ -19,16 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 
 from shared_proto import compositing_pb2 as cpb
 from shared_proto import compositing_pb2_grpc as cpb_grpc
 
 from . import harness
-from .harness import Fleet, Meter, closed_loop, log, open_loop, paired, throughput
+from .avatar import loudness_audio
+from .harness import CHANNEL_OPTIONS, Fleet, Meter, closed_loop, log, open_loop, paired, throughput
 
 ORT_THREADS = 2
-OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
 AVATAR_FRAMES = 125
 PING_PONG_PERIOD = 2 * (AVATAR_FRAMES - 1)  # positions that show every background frame once each way
 
@@ -65,20 +64,11 @@ class Plan:
 PLANS = {"demo": Plan(8, 2.0, 7, 12), "unet328": Plan(4, 4.0, 5, 4)}
 
 
-def loudness_audio(count: int, phase: int = 0) -> np.ndarray:
-    """Windows whose loudness (the demo model reads channels 16-17) cycles, so its mouths move as in speech."""
-    t = (np.arange(count) + phase) * 0.4
-    level = (0.5 + 0.5 * np.sin(t)).astype(np.float32)
-    audio = np.zeros((count, 32, 16, 16), np.float32)
-    audio[:, 16:18] = level[:, None, None, None]
-    return audio
-
-
 class Client:
     """A compositing service's stub walking an avatar batch by batch (start_frame_idx advances per call)."""
 
     def __init__(self, address: str, model: str, batch: int) -> None:
-        self.channel = grpc.insecure_channel(address, OPTIONS)
+        self.channel = grpc.insecure_channel(address, CHANNEL_OPTIONS)
         self.stub = cpb_grpc.CompositingServiceStub(self.channel)
         self.model, self.batch = model, batch
         self._next = 0
