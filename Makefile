@@ -86,7 +86,7 @@ bench-import: install
 	$(PY) bench/import_bench.py --out bench/results/import.json
 
 bench-stream: install
-	$(PY) bench/bench_stream.py --models-dir $(MODELS_DIR) --out bench/results/stream.json
+	$(PY) -m bench.stream --models-dir $(MODELS_DIR) --out bench/results/stream.json
 
 # Chaos soak (not in CI): 10 minutes of rolling restarts, kills and inference outages under load through nginx;
 # client-visible failures (0 expected) and RSS per process -> bench/results/soak.json. SOAK_MINUTES=N to change.
