@@ -59,7 +59,7 @@ bench-inference: install
 	$(PY) -m bench.inference --models-dir $(MODELS_DIR) --out bench/results/inference.json
 
 bench-cluster: system-deps install
-	$(PY) bench/bench_cluster.py --models-dir $(MODELS_DIR) --out bench/results/cluster.json
+	$(PY) -m bench.cluster --models-dir $(MODELS_DIR) --out bench/results/cluster.json
 
 bench-image-libs: install
 	$(PY) bench/bench_image_libs.py --models-dir $(MODELS_DIR) --out bench/results/image_libs.json
@@ -71,14 +71,14 @@ bench-splice: install
 	$(PY) bench/splice_micro.py --out bench/results/splice_micro.json
 
 bench-batching: install
-	$(PY) bench/bench_batching.py --models-dir $(MODELS_DIR) --out bench/results/batching.json
+	$(PY) -m bench.batching --models-dir $(MODELS_DIR) --out bench/results/batching.json
 
 # WebRTC gateway: mouth-to-frame latency, gateway CPU per frame by step, peers per process -> bench/results/webrtc.json
 bench-webrtc: system-deps install
 	$(PY) bench/bench_webrtc.py --models-dir $(MODELS_DIR) --out bench/results/webrtc.json
 
 bench-hardening: install
-	$(PY) bench/bench_hardening.py --models-dir $(MODELS_DIR) --out bench/results/hardening.json
+	$(PY) -m bench.hardening --models-dir $(MODELS_DIR) --out bench/results/hardening.json
 
 # lipsync-import on the SyncTalk_2D 328 fixture (LIPSYNC_SYNCTALK_FIXTURES, default ../shared/fixtures/synctalk2d):
 # time and peak memory; not part of `make bench`, which must run where the fixtures are absent.
