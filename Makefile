@@ -75,7 +75,7 @@ bench-batching: install
 
 # WebRTC gateway: mouth-to-frame latency, gateway CPU per frame by step, peers per process -> bench/results/webrtc.json
 bench-webrtc: system-deps install
-	$(PY) bench/bench_webrtc.py --models-dir $(MODELS_DIR) --out bench/results/webrtc.json
+	$(PY) -m bench.webrtc --models-dir $(MODELS_DIR) --out bench/results/webrtc.json
 
 bench-hardening: install
 	$(PY) -m bench.hardening --models-dir $(MODELS_DIR) --out bench/results/hardening.json
