@@ -62,13 +62,13 @@ bench-cluster: system-deps install
 	$(PY) -m bench.cluster --models-dir $(MODELS_DIR) --out bench/results/cluster.json
 
 bench-image-libs: install
-	$(PY) bench/bench_image_libs.py --models-dir $(MODELS_DIR) --out bench/results/image_libs.json
+	$(PY) -m bench.image_libs --models-dir $(MODELS_DIR) --out bench/results/image_libs.json
 
 bench-compositing: install
 	$(PY) -m bench.compositing --models-dir $(MODELS_DIR) --out bench/results/compositing.json
 
 bench-splice: install
-	$(PY) bench/splice_micro.py --out bench/results/splice_micro.json
+	$(PY) -m bench.splice_micro --out bench/results/splice_micro.json
 
 bench-batching: install
 	$(PY) -m bench.batching --models-dir $(MODELS_DIR) --out bench/results/batching.json
@@ -83,7 +83,7 @@ bench-hardening: install
 # lipsync-import on the SyncTalk_2D 328 fixture (LIPSYNC_SYNCTALK_FIXTURES, default ../shared/fixtures/synctalk2d):
 # time and peak memory; not part of `make bench`, which must run where the fixtures are absent.
 bench-import: install
-	$(PY) bench/import_bench.py --out bench/results/import.json
+	$(PY) -m bench.import_bench --out bench/results/import.json
 
 bench-stream: install
 	$(PY) -m bench.stream --models-dir $(MODELS_DIR) --out bench/results/stream.json
