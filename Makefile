@@ -56,37 +56,37 @@ models: install
 bench: bench-inference bench-image-libs bench-compositing bench-splice bench-cluster bench-stream bench-hardening bench-batching bench-webrtc
 
 bench-inference: install
-	$(PY) bench/bench_inference.py --models-dir $(MODELS_DIR) --out bench/results/inference.json
+	$(PY) -m bench.inference --models-dir $(MODELS_DIR) --out bench/results/inference.json
 
 bench-cluster: system-deps install
-	$(PY) bench/bench_cluster.py --models-dir $(MODELS_DIR) --out bench/results/cluster.json
+	$(PY) -m bench.cluster --models-dir $(MODELS_DIR) --out bench/results/cluster.json
 
 bench-image-libs: install
-	$(PY) bench/bench_image_libs.py --models-dir $(MODELS_DIR) --out bench/results/image_libs.json
+	$(PY) -m bench.image_libs --models-dir $(MODELS_DIR) --out bench/results/image_libs.json
 
 bench-compositing: install
-	$(PY) -m bench.bench_compositing --models-dir $(MODELS_DIR) --out bench/results/compositing.json
+	$(PY) -m bench.compositing --models-dir $(MODELS_DIR) --out bench/results/compositing.json
 
 bench-splice: install
-	$(PY) bench/splice_micro.py --out bench/results/splice_micro.json
+	$(PY) -m bench.splice_micro --out bench/results/splice_micro.json
 
 bench-batching: install
-	$(PY) bench/bench_batching.py --models-dir $(MODELS_DIR) --out bench/results/batching.json
+	$(PY) -m bench.batching --models-dir $(MODELS_DIR) --out bench/results/batching.json
 
 # WebRTC gateway: mouth-to-frame latency, gateway CPU per frame by step, peers per process -> bench/results/webrtc.json
 bench-webrtc: system-deps install
-	$(PY) bench/bench_webrtc.py --models-dir $(MODELS_DIR) --out bench/results/webrtc.json
+	$(PY) -m bench.webrtc --models-dir $(MODELS_DIR) --out bench/results/webrtc.json
 
 bench-hardening: install
-	$(PY) bench/bench_hardening.py --models-dir $(MODELS_DIR) --out bench/results/hardening.json
+	$(PY) -m bench.hardening --models-dir $(MODELS_DIR) --out bench/results/hardening.json
 
 # lipsync-import on the SyncTalk_2D 328 fixture (LIPSYNC_SYNCTALK_FIXTURES, default ../shared/fixtures/synctalk2d):
 # time and peak memory; not part of `make bench`, which must run where the fixtures are absent.
 bench-import: install
-	$(PY) bench/import_bench.py --out bench/results/import.json
+	$(PY) -m bench.import_bench --out bench/results/import.json
 
 bench-stream: install
-	$(PY) bench/bench_stream.py --models-dir $(MODELS_DIR) --out bench/results/stream.json
+	$(PY) -m bench.stream --models-dir $(MODELS_DIR) --out bench/results/stream.json
 
 # Chaos soak (not in CI): 10 minutes of rolling restarts, kills and inference outages under load through nginx;
 # client-visible failures (0 expected) and RSS per process -> bench/results/soak.json. SOAK_MINUTES=N to change.

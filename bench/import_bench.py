@@ -10,7 +10,7 @@ beside a running server, and its time whether a CI job may re-import on every bu
 
 The dataset is made here: ``--frames`` JPEG frames of 1280x720 with landmark files (110 points).
 
-    .venv/bin/python bench/import_bench.py [--fixtures DIR] [--frames 125] [--runs 3] [--out bench/results/import.json]
+    .venv/bin/python -m bench.import_bench [--fixtures DIR] [--frames 125] [--runs 3] [--out bench/results/import.json]
 """
 
 from __future__ import annotations
@@ -29,12 +29,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from common import REPO_ROOT, machine_info, write_result
-
 from model_import.synctalk2d import import_synctalk2d
+
+from .harness import REPO_ROOT, machine_info, write_result
 
 DEFAULT_FIXTURES = Path(
     os.environ.get("LIPSYNC_SYNCTALK_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures" / "synctalk2d")
@@ -70,45 +67,52 @@ def run_cli(args: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024  # KiB on Linux
 
 
-def main() -> int:
+def cli_runs(checkpoint: Path, encoder: Path, dataset: Path, models: Path, runs: int) -> list[tuple[float, float]]:
+    """``runs`` imports by the console script: (wall seconds, peak RSS MiB) each."""
+    command = [str(Path(sys.executable).parent / "lipsync-import"), "synctalk2d", "--checkpoint", str(checkpoint)]
+    command += ["--audio-encoder", str(encoder), "--dataset", str(dataset), "--name", "bench"]
+    command += ["--models-dir", str(models)]
+    return [run_cli(command) for _ in range(runs)]
+
+
+def in_process(checkpoint: Path, encoder: Path, dataset: Path, models: Path) -> tuple[float, list[tuple[float, str]]]:
+    """One import in this process under tracemalloc: its peak (bytes) and when each progress line came (s)."""
+    steps: list[tuple[float, str]] = []
+    tracemalloc.start()
+    start = time.perf_counter()
+    import_synctalk2d(
+        checkpoint=checkpoint,
+        dataset_dir=dataset,
+        model_id="bench",
+        models_dir=models,
+        audio_encoder=encoder,
+        progress=lambda message: steps.append((time.perf_counter() - start, message)),
+    )
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak, steps
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES)
     parser.add_argument("--frames", type=int, default=125)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "import.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     checkpoint = args.fixtures / "unet328_randbn.pth"
     encoder = args.fixtures / "audio_encoder_randbn.pth"
     if not checkpoint.is_file():
         raise SystemExit(f"{checkpoint}: not found (set --fixtures or LIPSYNC_SYNCTALK_FIXTURES)")
     machine = machine_info()
-
     with tempfile.TemporaryDirectory(prefix="import-bench-") as tmp:
-        root = Path(tmp)
-        dataset = make_dataset(root / "dataset" / "bench", args.frames)
-        models = root / "models"
-        command = [str(Path(sys.executable).parent / "lipsync-import"), "synctalk2d", "--checkpoint", str(checkpoint)]
-        command += ["--audio-encoder", str(encoder), "--dataset", str(dataset), "--name", "bench"]
-        command += ["--models-dir", str(models)]
-        runs = [run_cli(command) for _ in range(args.runs)]
+        dataset = make_dataset(Path(tmp) / "dataset" / "bench", args.frames)
+        models = Path(tmp) / "models"
+        runs = cli_runs(checkpoint, encoder, dataset, models, args.runs)
         sizes = {p.name: p.stat().st_size for p in (models / "bench").iterdir() if p.is_file()}
         shutil.rmtree(models)
-
-        steps: list[tuple[float, str]] = []
-        tracemalloc.start()
-        start = time.perf_counter()
-        import_synctalk2d(
-            checkpoint=checkpoint,
-            dataset_dir=dataset,
-            model_id="bench",
-            models_dir=models,
-            audio_encoder=encoder,
-            progress=lambda message: steps.append((time.perf_counter() - start, message)),
-        )
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
+        peak, steps = in_process(checkpoint, encoder, dataset, models)
         steps = [(at, message.replace(tmp, "<tmp>")) for at, message in steps]
-
     walls = [w for w, _ in runs]
     result = {
         "checkpoint": {"file": checkpoint.name, "mib": round(checkpoint.stat().st_size / 2**20, 1)},

@@ -19,16 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 
 from shared_proto import compositing_pb2 as cpb
 from shared_proto import compositing_pb2_grpc as cpb_grpc
 
 from . import harness
-from .harness import Fleet, Meter, closed_loop, log, open_loop, paired, throughput
+from .avatar import loudness_audio
+from .harness import CHANNEL_OPTIONS, Fleet, Meter, closed_loop, log, open_loop, paired, throughput
 
 ORT_THREADS = 2
-OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
 AVATAR_FRAMES = 125
 PING_PONG_PERIOD = 2 * (AVATAR_FRAMES - 1)  # positions that show every background frame once each way
 
@@ -65,20 +64,11 @@ class Plan:
 PLANS = {"demo": Plan(8, 2.0, 7, 12), "unet328": Plan(4, 4.0, 5, 4)}
 
 
-def loudness_audio(count: int, phase: int = 0) -> np.ndarray:
-    """Windows whose loudness (the demo model reads channels 16-17) cycles, so its mouths move as in speech."""
-    t = (np.arange(count) + phase) * 0.4
-    level = (0.5 + 0.5 * np.sin(t)).astype(np.float32)
-    audio = np.zeros((count, 32, 16, 16), np.float32)
-    audio[:, 16:18] = level[:, None, None, None]
-    return audio
-
-
 class Client:
     """A compositing service's stub walking an avatar batch by batch (start_frame_idx advances per call)."""
 
     def __init__(self, address: str, model: str, batch: int) -> None:
-        self.channel = grpc.insecure_channel(address, OPTIONS)
+        self.channel = grpc.insecure_channel(address, CHANNEL_OPTIONS)
         self.stub = cpb_grpc.CompositingServiceStub(self.channel)
         self.model, self.batch = model, batch
         self._next = 0
@@ -118,7 +108,7 @@ def compositing_args(models_dir: Path, work: Path) -> list[str]:
     ]
 
 
-def start_separated(fleet: Fleet, models_dir: Path, name: str, inference_set: list[str], extra: list[str]) -> None:
+def start_separated(fleet: Fleet, models_dir: Path, name: str, inference_set: list[str]) -> None:
     inference = fleet.start(
         f"{name}/inference",
         "lipsync-inference",
@@ -128,7 +118,7 @@ def start_separated(fleet: Fleet, models_dir: Path, name: str, inference_set: li
     fleet.start(
         name,
         "lipsync-compositing",
-        [*compositing_args(models_dir, fleet.work), "--inference-url", inference.address, *extra],
+        [*compositing_args(models_dir, fleet.work), "--inference-url", inference.address],
     ).wait_serving(300)
 
 
@@ -169,7 +159,7 @@ def block_runner(
         frames = len(done) * client.batch
         server = sum(used[p] for p in procs_of(mode, fleet))
         return {
-            "fps": round(throughput(done, client.batch), 2),
+            "fps": round(throughput(done.stamps, client.batch), 2),
             "server_cpu_ms_per_frame": round(server * 1000 / frames, 3),
             "other_cpu_pct": round(used["other"] / used["wall"] * 100, 1),
         }
@@ -200,64 +190,61 @@ def hop_pass(client: Client, frames: int) -> dict[str, float]:
     }
 
 
+def compare_model(fleet: Fleet, models_dir: Path, model: str, scale: float) -> dict[str, Any]:
+    """One model on the running fleet: hop bytes cold and warm, separated against in-process, splicing off/on."""
+    plan = PLANS[model]
+    clients = {m: Client(fleet.procs[m].address, model, plan.batch) for m in fleet.procs if "/" not in m}
+    # Cold, then warm: the hop's bytes on the first pass over the avatar and on the next.
+    hop = {"cold": hop_pass(clients["separated"], PING_PONG_PERIOD)}
+    hop["warm"] = hop_pass(clients["separated"], PING_PONG_PERIOD)
+    for client in clients.values():
+        for _ in range(plan.warmup):
+            client.call()
+    run = block_runner(fleet, clients, plan.block_seconds * scale)
+    log(f"separation/{model}: in_process against separated, {plan.blocks} blocks")
+    pairs = paired(run, "in_process", "separated", plan.blocks)
+    bare = {m: bare_model_cpu_ms(models_dir, model, plan.batch, spin) for m, spin in MODE_SPINNING.items()}
+    cpu = {
+        m: round(harness.median([b["server_cpu_ms_per_frame"] for b in pairs["blocks"] if b["mode"] == m]), 3)
+        for m in ("in_process", "separated")
+    }
+    log(f"splicing/{model}: separated with splicing off against on")
+    splicing = paired(run, "separated_no_splice", "separated", 5)
+    same = [clients[m].call(start=40).composited_frames for m in ("in_process", "separated")]
+    for client in clients.values():
+        client.channel.close()
+    return {
+        "batch_size": plan.batch,
+        "in_flight": 2,
+        "separated_vs_in_process": pairs["ratio"],
+        "ratios": pairs["ratios"],
+        "server_cpu_ms_per_frame": cpu,
+        "separated_cpu_vs_in_process": round(cpu["separated"] / cpu["in_process"], 3),
+        "model_cpu_ms_per_frame (bare InferenceSession.run)": {m: round(v, 3) for m, v in bare.items()},
+        "server_cpu_ms_per_frame_excluding_model": {m: round(v - bare[m], 3) for m, v in cpu.items()},
+        "hop_request_bytes_per_frame": {k: v["request_bytes_per_frame"] for k, v in hop.items()},
+        "hop_response_bytes_per_frame": {k: v["response_bytes_per_frame"] for k, v in hop.items()},
+        "hop": hop,
+        "splicing_on_vs_off": splicing["ratio"],
+        "frames_identical_across_modes": len({tuple(f) for f in same}) == 1,
+        "blocks": pairs["blocks"],
+        "splicing_blocks": splicing["blocks"],
+    }
+
+
 def main_comparison(models_dir: Path, models: list[str], scale: float) -> dict[str, Any]:
     """separated against in-process (defaults), hop bytes cold and warm, splicing on against off."""
     out: dict[str, Any] = {}
     with harness.fleet("bench-separation-") as fleet:
         log("separation: starting inference + compositing (separated, and without splicing) and in-process")
-        start_separated(fleet, models_dir, "separated", [], [])
+        start_separated(fleet, models_dir, "separated", [])
         inference = fleet.procs["separated/inference"].address
-        fleet.start(
-            "separated_no_splice",
-            "lipsync-compositing",
-            [
-                *compositing_args(models_dir, fleet.work),
-                "--inference-url",
-                inference,
-                "--set",
-                "output.jpeg_splicing=false",
-            ],
-        ).wait_serving(300)
+        no_splice = ["--inference-url", inference, "--set", "output.jpeg_splicing=false"]
+        args = [*compositing_args(models_dir, fleet.work), *no_splice]
+        fleet.start("separated_no_splice", "lipsync-compositing", args).wait_serving(300)
         start_in_process(fleet, models_dir, "in_process", [])
         for model in models:
-            plan = PLANS[model]
-            clients = {m: Client(fleet.procs[m].address, model, plan.batch) for m in fleet.procs if "/" not in m}
-            # Cold, then warm: the hop's bytes on the first pass over the avatar and on the next.
-            hop = {"cold": hop_pass(clients["separated"], PING_PONG_PERIOD)}
-            hop["warm"] = hop_pass(clients["separated"], PING_PONG_PERIOD)
-            for _mode, client in clients.items():
-                for _ in range(plan.warmup):
-                    client.call()
-            run = block_runner(fleet, clients, plan.block_seconds * scale)
-            log(f"separation/{model}: in_process against separated, {plan.blocks} blocks")
-            pairs = paired(run, "in_process", "separated", plan.blocks)
-            bare = {m: bare_model_cpu_ms(models_dir, model, plan.batch, spin) for m, spin in MODE_SPINNING.items()}
-            cpu = {
-                m: round(harness.median([b["server_cpu_ms_per_frame"] for b in pairs["blocks"] if b["mode"] == m]), 3)
-                for m in ("in_process", "separated")
-            }
-            log(f"splicing/{model}: separated with splicing off against on")
-            splicing = paired(run, "separated_no_splice", "separated", 5)
-            same = [clients[m].call(start=40).composited_frames for m in ("in_process", "separated")]
-            out[model] = {
-                "batch_size": plan.batch,
-                "in_flight": 2,
-                "separated_vs_in_process": pairs["ratio"],
-                "ratios": pairs["ratios"],
-                "server_cpu_ms_per_frame": cpu,
-                "separated_cpu_vs_in_process": round(cpu["separated"] / cpu["in_process"], 3),
-                "model_cpu_ms_per_frame (bare InferenceSession.run)": {m: round(v, 3) for m, v in bare.items()},
-                "server_cpu_ms_per_frame_excluding_model": {m: round(v - bare[m], 3) for m, v in cpu.items()},
-                "hop_request_bytes_per_frame": {k: v["request_bytes_per_frame"] for k, v in hop.items()},
-                "hop_response_bytes_per_frame": {k: v["response_bytes_per_frame"] for k, v in hop.items()},
-                "hop": hop,
-                "splicing_on_vs_off": splicing["ratio"],
-                "frames_identical_across_modes": len({tuple(f) for f in same}) == 1,
-                "blocks": pairs["blocks"],
-                "splicing_blocks": splicing["blocks"],
-            }
-            for client in clients.values():
-                client.channel.close()
+            out[model] = compare_model(fleet, models_dir, model, scale)
         out["exit_codes"] = fleet.stop()
     return out
 
@@ -271,7 +258,7 @@ def spinning(models_dir: Path, models: list[str], scale: float) -> dict[str, Any
             log(f"spinning/{mode}: starting {', '.join(SPINNING)}")
             for variant, settings in SPINNING.items():
                 if mode == "separated":
-                    start_separated(fleet, models_dir, variant, settings, [])
+                    start_separated(fleet, models_dir, variant, settings)
                 else:
                     start_in_process(fleet, models_dir, variant, settings)
             out[mode] = {}

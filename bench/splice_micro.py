@@ -9,7 +9,7 @@ interleaved round by round so a busy neighbour hits every variant alike:
 - ``box_encode_ms``: only the box's ``cv2.imencode`` inside that.
 Figures are medians over the runs; rect positions cycle through a fixed random set.
 
-    .venv/bin/python bench/splice_micro.py [--runs 300] [--out bench/results/splice_micro.json]
+    .venv/bin/python -m bench.splice_micro [--runs 300] [--out bench/results/splice_micro.json]
 """
 
 from __future__ import annotations
@@ -17,18 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from common import machine_info, write_result
 
 from compositing_service.jpeg_splice import (
     SplicedBackground,
@@ -37,6 +32,10 @@ from compositing_service.jpeg_splice import (
     splice_composite,
     tile_box,
 )
+
+from .harness import machine_info, write_result
+
+Rect = tuple[int, int, int, int]
 
 
 def textured(height: int, width: int, seed: int) -> np.ndarray:
@@ -48,7 +47,7 @@ def textured(height: int, width: int, seed: int) -> np.ndarray:
     return np.clip(cv2.GaussianBlur(noisy, (3, 3), 0), 0, 255).astype(np.uint8)
 
 
-def rects_of(side: int, height: int, width: int, count: int, seed: int) -> list[tuple[int, int, int, int]]:
+def rects_of(side: int, height: int, width: int, count: int, seed: int) -> list[Rect]:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
@@ -69,7 +68,9 @@ def measure(variants: dict[str, Callable[[int], object]], runs: int) -> dict[str
     return {name: round(statistics.median(t), 4) for name, t in times.items()}
 
 
-def case(frame: np.ndarray, rects, patches, quality: int, tile_width: int, runs: int) -> dict:
+def case(
+    frame: np.ndarray, rects: list[Rect], patches: list[np.ndarray], quality: int, tile_width: int, runs: int
+) -> dict[str, Any]:
     height, width = frame.shape[:2]
     settings = SpliceSettings(quality, "420", tile_width)
     started = time.perf_counter()
@@ -126,15 +127,15 @@ def case(frame: np.ndarray, rects, patches, quality: int, tile_width: int, runs:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=300, help="timed rounds per case (default 300)")
     parser.add_argument("--quality", type=int, default=75)
     parser.add_argument("--out", type=Path, help="also write the JSON here (with a machine block)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cv2.setNumThreads(1)  # as the compositor: one frame per thread
 
-    results: dict[str, dict] = {}
+    results: dict[str, dict[str, Any]] = {}
     for height, width in [(720, 1280), (1080, 1920)]:
         frame = textured(height, width, 0)
         for side in (210, 320):

@@ -3,28 +3,28 @@
 Two questions, on the demo avatar's real frames and crop rectangles:
 1. How far is Pillow's bicubic resize from OpenCV's INTER_CUBIC (the reference's)?
 2. How long does a 1280x720 JPEG at quality 75 take with each?
+
+    .venv/bin/python -m bench.image_libs --models-dir models --out bench/results/image_libs.json
 """
 
 from __future__ import annotations
 
-import argparse
+import io
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import cv2
 import numpy as np
 from PIL import Image
 
-# bench/ is not a package: this lets `common` import however the script is started.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import ensure_models, machine_info, write_result
+from . import harness
 
 
-def best_of(fn, repeats: int = 30) -> float:
+def best_of(fn: Callable[[], Any], repeats: int = 30) -> float:
+    """Median ms of ``repeats`` calls."""
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -33,12 +33,10 @@ def best_of(fn, repeats: int = 30) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
-    parser.add_argument("--out", type=Path, default=Path("bench/results/image_libs.json"))
-    args = parser.parse_args()
-    ensure_models(args.models_dir)
+def main(argv: list[str] | None = None) -> None:
+    args = harness.parser(__doc__, "bench/results/image_libs.json").parse_args(argv)
+    machine = harness.machine_info()
+    harness.ensure_models(args.models_dir)
     import av
 
     rects = json.loads((args.models_dir / "avatar" / "crop_rects.json").read_text())
@@ -55,14 +53,11 @@ def main() -> None:
     rgb = Image.fromarray(frame[:, :, ::-1].copy())
 
     def encode_pil() -> None:
-        import io
-
         rgb.save(io.BytesIO(), format="JPEG", quality=75)
 
     cv_ms = best_of(lambda: cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 75]))
     pil_ms = best_of(encode_pil)
     result = {
-        "machine": machine_info(),
         "resize_328_pillow_vs_opencv": {
             "max_abs_diff_levels": int(stacked.max()),
             "mean_abs_diff_levels": round(float(stacked.mean()), 3),
@@ -74,8 +69,8 @@ def main() -> None:
             "pillow_over_opencv": round(pil_ms / cv_ms, 3),
         },
     }
-    write_result(args.out, result)
-    print(json.dumps(result, indent=2))
+    harness.write_result(args.out, result, machine)
+    print(json.dumps({"machine": machine, **result}, indent=2))
 
 
 if __name__ == "__main__":

@@ -21,30 +21,30 @@ pauses at real time as a microphone would. For each N:
 
 The clients decode VP8 too, on the same 2 shared cores, so the peer count is a floor for a gateway on its own
 machine.
+
+    .venv/bin/python -m bench.webrtc --models-dir models --out bench/results/webrtc.json
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common
-
 from lipsync_client.media import read_speech
 from lipsync_cluster.launcher import Cluster, ClusterSpec
 from lipsync_gateway.rtc_client import SpeechTrack, TalkClient
+from service_common.processes import free_port
 
-SPEECH = common.REPO_ROOT / "tests" / "data" / "speech_16k.wav"
+from . import harness
+from .harness import REPO_ROOT, log, percentile, process_cpu_seconds
+
+SPEECH = REPO_ROOT / "tests" / "data" / "speech_16k.wav"
 PATTERN = [("silence", 0.5), ("speech", 2.5), ("silence", 1.5), ("speech", 2.5), ("silence", 1.5)]
 
 
@@ -63,43 +63,28 @@ def get_json(url: str) -> dict[str, Any]:
         return json.loads(response.read())
 
 
-def pct(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 1) if values else None
+def _delta(before: dict[str, Any], after: dict[str, Any], key: str) -> int:
+    return sum(p[key] for p in after["peers"]) - sum(p[key] for p in before["peers"])
 
 
-async def run_level(url: str, peers: int, gateway_pid: int, seconds: float) -> dict[str, Any]:
-    clients = [TalkClient(url, "demo", SpeechTrack(speech())) for _ in range(peers)]
-    for client in clients:
-        if not await client.connect():
-            raise RuntimeError(f"offer refused: {client.status} {client.error}")
-    # Measure once every peer is ticking: the window starts with all of them up.
-    while min(len(c.received.video) for c in clients) < 5:
-        await asyncio.sleep(0.05)
-    before = get_json(url + "peers")
-    cpu0, t0 = common.process_cpu_seconds(gateway_pid), time.monotonic()
-    await asyncio.sleep(seconds)
-    cpu1, t1 = common.process_cpu_seconds(gateway_pid), time.monotonic()
-    after = get_json(url + "peers")
-    for client in clients:
-        await client.close()
+def cpu_by_step(before: dict[str, Any], after: dict[str, Any], total_ms: float, ticks: int) -> dict[str, float]:
+    """The gateway's own step timers per frame; ``rest`` is the process's CPU beyond them."""
 
-    ticks = sum(p["ticks"] for p in after["peers"]) - sum(p["ticks"] for p in before["peers"])
-    underruns = sum(p["underruns"] for p in after["peers"]) - sum(p["underruns"] for p in before["peers"])
-    late_sends = sum(p["late_sends"] for p in after["peers"]) - sum(p["late_sends"] for p in before["peers"])
-    shed = sum(p["shed"] for p in after["peers"]) - sum(p["shed"] for p in before["peers"])
-    late = underruns + late_sends + shed
+    def step(*names: str) -> float:
+        cpu = sum(after["cpu"].get(n, {}).get("cpu_s", 0.0) - before["cpu"].get(n, {}).get("cpu_s", 0.0) for n in names)
+        return cpu * 1000 / max(ticks, 1)
 
-    def step(name: str) -> float:
-        return after["cpu"].get(name, {}).get("cpu_s", 0.0) - before["cpu"].get(name, {}).get("cpu_s", 0.0)
-
-    total_ms = (cpu1 - cpu0) * 1000 / max(ticks, 1)
     steps = {
-        "jpeg_decode": step("jpeg_decode") * 1000 / max(ticks, 1),
-        "video_encode": step("video_encode") * 1000 / max(ticks, 1),
-        "audio_resample_and_encode": (step("audio_encode") + step("audio_resample")) * 1000 / max(ticks, 1),
+        "jpeg_decode": step("jpeg_decode"),
+        "video_encode": step("video_encode"),
+        "audio_resample_and_encode": step("audio_encode", "audio_resample"),
     }
     steps["rest"] = total_ms - sum(steps.values())
+    return {k: round(v, 2) for k, v in steps.items()}
 
+
+def latencies(clients: list[TalkClient]) -> dict[str, Any]:
+    """Per speech frame: mouth to decoded frame, audio in to frame back, frame back to sent (ms)."""
     latency, look_ahead, buffered = [], [], []
     for client in clients:
         decoded = {pts // 3600: at for at, pts in client.received.video}
@@ -111,33 +96,54 @@ async def run_level(url: str, peers: int, gateway_pid: int, seconds: float) -> d
             if m.get("mic_pos") is not None and m["n"] in decoded:
                 latency.append((decoded[m["n"]] - (client.speech.started + m["mic_pos"] / 16000)) * 1000)
     return {
+        "mouth_to_frame_ms_p50": percentile(latency, 50),
+        "mouth_to_frame_ms_p95": percentile(latency, 95),
+        "audio_in_to_frame_back_ms_p50": percentile(look_ahead, 50),
+        "frame_back_to_sent_ms_p50": percentile(buffered, 50),
+        "speech_frames_measured": len(latency),
+    }
+
+
+async def run_level(url: str, peers: int, gateway_pid: int, seconds: float) -> dict[str, Any]:
+    clients = [TalkClient(url, "demo", SpeechTrack(speech())) for _ in range(peers)]
+    for client in clients:
+        if not await client.connect():
+            raise RuntimeError(f"offer refused: {client.status} {client.error}")
+    # Measure once every peer is ticking: the window starts with all of them up.
+    while min(len(c.received.video) for c in clients) < 5:
+        await asyncio.sleep(0.05)
+    before = get_json(url + "peers")
+    cpu0, t0 = process_cpu_seconds(gateway_pid) or 0.0, time.monotonic()
+    await asyncio.sleep(seconds)
+    cpu1, t1 = process_cpu_seconds(gateway_pid) or 0.0, time.monotonic()
+    after = get_json(url + "peers")
+    for client in clients:
+        await client.close()
+    ticks = _delta(before, after, "ticks")
+    late = {k: _delta(before, after, k) for k in ("underruns", "late_sends", "shed")}
+    total_ms = (cpu1 - cpu0) * 1000 / max(ticks, 1)
+    return {
         "peers": peers,
         "window_s": round(t1 - t0, 2),
         "frames_sent": ticks,
         "fps_per_peer": round(ticks / (t1 - t0) / peers, 2),
-        "late_frames": late,
-        "late_fraction": round(late / max(ticks, 1), 4),
-        "underruns": underruns,
-        "late_sends": late_sends,
-        "shed": shed,
+        "late_frames": sum(late.values()),
+        "late_fraction": round(sum(late.values()) / max(ticks, 1), 4),
+        **late,
         "send_lag_ms_p95_worst_peer": max((p["send_lag_ms_p95"] or 0) for p in after["peers"]),
         "gateway_cpu_percent": round((cpu1 - cpu0) / (t1 - t0) * 100, 1),
         "cpu_ms_per_frame": round(total_ms, 2),
-        "cpu_ms_per_frame_by_step": {k: round(v, 2) for k, v in steps.items()},
-        "mouth_to_frame_ms_p50": pct(latency, 50),
-        "mouth_to_frame_ms_p95": pct(latency, 95),
-        "audio_in_to_frame_back_ms_p50": pct(look_ahead, 50),
-        "frame_back_to_sent_ms_p50": pct(buffered, 50),
-        "speech_frames_measured": len(latency),
+        "cpu_ms_per_frame_by_step": cpu_by_step(before, after, total_ms, ticks),
+        **latencies(clients),
     }
 
 
 async def ramp(url: str, pid: int, levels: list[int], seconds: float) -> list[dict[str, Any]]:
     results = []
     for peers in levels:
-        common.log(f"{peers} peer(s) for {seconds:g} s")
+        log(f"{peers} peer(s) for {seconds:g} s")
         result = await run_level(url, peers, pid, seconds)
-        common.log(json.dumps(result))
+        log(json.dumps(result))
         results.append(result)
         while get_json(url + "peers")["active"]:  # every peer freed before the next level
             await asyncio.sleep(0.2)
@@ -146,20 +152,19 @@ async def ramp(url: str, pid: int, levels: list[int], seconds: float) -> list[di
     return results
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
-    parser.add_argument("--out", type=Path, default=Path("bench/results/webrtc.json"))
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.parser(__doc__, "bench/results/webrtc.json")
     parser.add_argument("--levels", default="1,2,3,4,6,8", help="peer counts to try, in order")
     parser.add_argument("--seconds", type=float, default=8.0, help="measured window per level")
-    args = parser.parse_args()
-    common.ensure_models(args.models_dir)
+    args = parser.parse_args(argv)
+    machine = harness.machine_info()
+    harness.ensure_models(args.models_dir)
     spec = ClusterSpec(
         models_dir=args.models_dir,
-        port=common.free_port(),
+        port=free_port(),
         replicas=1,
         inference_overrides=["onnx.allow_spinning=false"],
-        gateway_port=common.free_port(),
+        gateway_port=free_port(),
         gateway_args=["--max-peers", "64"],
     )
     cluster = Cluster(spec).start()
@@ -178,8 +183,8 @@ def main() -> int:
         "cpu_ms_per_frame_one_peer": one["cpu_ms_per_frame"],
         "cpu_ms_per_frame_by_step_one_peer": one["cpu_ms_per_frame_by_step"],
     }
-    common.write_result(args.out, {"benchmark": "webrtc", "summary": summary, "levels": results})
-    common.log(f"wrote {args.out}: {json.dumps(summary)}")
+    harness.write_result(args.out, {"benchmark": "webrtc", "summary": summary, "levels": results}, machine)
+    log(f"wrote {args.out}: {json.dumps(summary)}")
     return 0
 
 
