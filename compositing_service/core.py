@@ -43,7 +43,7 @@ def check_mouths(mouths: Sequence[np.ndarray], avatar: Avatar, batch_size: int) 
         )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CompositeResult:
     frames: list[bytes]
     frame_indices: list[int]
@@ -54,15 +54,15 @@ class CompositeResult:
     prepare_ms: float
     composite_ms: float
     encode_ms: float
-    total_ms: float
     gpu_id: int
     device: str
-    model_loaded: bool
-    model_load_ms: float
     cache_hits: int
     cache_misses: int
     utterance_frames: int = 0
     spliced_frames: int = 0
+    total_ms: float = 0.0  # the whole call, set by composite_batch
+    model_loaded: bool = False  # whether this call loaded the avatar, and how long that took
+    model_load_ms: float = 0.0
 
 
 class CompositingCore:
@@ -142,60 +142,68 @@ class CompositingCore:
         batch_size = self._batch_size(batch_size, start_frame_idx, visual_frames)
         audio = self._audio(audio_features, audio_shape, raw_audio, batch_size)
         entry, load_ms = await self._checkout(model_id)
-        frames = 0
-        inference_ms = 0.0
+        result: CompositeResult | None = None
         try:
             avatar = entry.avatar
             client_visual = self._client_visual(visual_frames, avatar, batch_size)
             indices = [
                 frame_index(start_frame_idx + i, avatar.num_frames, self.config.frame_order) for i in range(batch_size)
             ]
-            prepared = await self._prepare(model_id, avatar, indices)
-            prepare_ms = (time.perf_counter() - started) * 1000.0
-            inputs = ModelInputs(
-                [p.cached.key for p in prepared], [p.cached.crop for p in prepared], avatar.geometry, client_visual
-            )
-            call_started = time.perf_counter()
-            mouths = await self.backend.infer(avatar.spec.inference_model, inputs, audio, deadline)
-            call_ms = (time.perf_counter() - call_started) * 1000.0
-            check_mouths(mouths.mouths, avatar, batch_size)
-            inference_ms = mouths.inference_ms
-            composite_started = time.perf_counter()
-            jpegs, encode_ms, spliced = await self.compositor.composite(
-                prepared, mouths.mouths, output_format, jpeg_quality
-            )
-            if (output_format or self.config.output_format) == "jpeg":
-                counts = self.jpeg_counts.setdefault(model_id, [0, 0])
-                counts[0] += spliced
-                counts[1] += batch_size - spliced
-            composite_ms = (time.perf_counter() - composite_started) * 1000.0
-            frames = batch_size
+            result = await self._render(avatar, indices, audio, client_visual, deadline, output_format, jpeg_quality)
         finally:
-            self.avatars.release(entry, frames, inference_ms)
-        total_ms = (time.perf_counter() - started) * 1000.0
+            self.avatars.release(entry, batch_size if result else 0, result.inference_ms if result else 0.0)
+        result.total_ms = (time.perf_counter() - started) * 1000.0
+        result.model_loaded, result.model_load_ms = load_ms is not None, load_ms or 0.0
+        self._report(model_id, batch_size, start_frame_idx, result)
+        return result
+
+    async def _render(
+        self,
+        avatar: Avatar,
+        indices: list[int],
+        audio: np.ndarray | RawAudio,
+        client_visual: np.ndarray | None,
+        deadline: float | None,
+        output_format: str | None,
+        jpeg_quality: int | None,
+    ) -> CompositeResult:
+        """The frames of ``indices``: backgrounds and their model inputs, the mouths, the composites."""
+        started = time.perf_counter()
+        prepared = await self._prepare(avatar.model_id, avatar, indices)
+        prepare_ms = (time.perf_counter() - started) * 1000.0
+        inputs = ModelInputs(
+            [p.cached.key for p in prepared], [p.cached.crop for p in prepared], avatar.geometry, client_visual
+        )
+        call_started = time.perf_counter()
+        mouths = await self.backend.infer(avatar.spec.inference_model, inputs, audio, deadline)
+        call_ms = (time.perf_counter() - call_started) * 1000.0
+        check_mouths(mouths.mouths, avatar, len(indices))
+        composite_started = time.perf_counter()
+        jpegs, encode_ms, spliced = await self.compositor.composite(
+            prepared, mouths.mouths, output_format, jpeg_quality
+        )
+        if (output_format or self.config.output_format) == "jpeg":
+            counts = self.jpeg_counts.setdefault(avatar.model_id, [0, 0])
+            counts[0] += spliced
+            counts[1] += len(indices) - spliced
         hits = sum(p.cache_hit for p in prepared)
-        result = CompositeResult(
+        return CompositeResult(
             frames=jpegs,
             frame_indices=indices,
-            inference_ms=inference_ms,
+            inference_ms=mouths.inference_ms,
             inference_call_ms=call_ms,
             queue_ms=mouths.queue_ms,
             audio_ms=mouths.audio_ms,
             prepare_ms=prepare_ms,
-            composite_ms=composite_ms,
+            composite_ms=(time.perf_counter() - composite_started) * 1000.0,
             encode_ms=encode_ms,
-            total_ms=total_ms,
             gpu_id=mouths.gpu_id,
             device=mouths.device,
-            model_loaded=load_ms is not None,
-            model_load_ms=load_ms or 0.0,
             cache_hits=hits,
-            cache_misses=batch_size - hits,
+            cache_misses=len(indices) - hits,
             utterance_frames=mouths.utterance_frames,
             spliced_frames=spliced,
         )
-        self._report(model_id, batch_size, start_frame_idx, result)
-        return result
 
     def _batch_size(self, batch_size: int, start_frame_idx: int, visual_frames: np.ndarray | None) -> int:
         if start_frame_idx < 0:

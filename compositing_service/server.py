@@ -15,9 +15,10 @@ from service_common.serving import RunningServer, build_policy, serve_until_sign
 from shared_proto import compositing_pb2, compositing_pb2_grpc
 
 from . import __version__
-from .compositor import opencv_single_threaded
+from .compositor import EncodeCounts, opencv_single_threaded
 from .config import CompositingConfig, load_config
 from .core import CompositingCore
+from .inference_client import HopStats
 from .servicer import CompositingServicer
 
 log = logging.getLogger("compositing_service")
@@ -28,51 +29,70 @@ HEAVY_METHODS = ("InferBatchComposite",)
 
 
 def core_metrics(core: CompositingCore, servicer: CompositingServicer, watch: InferenceWatch) -> Iterable[Metric]:
-    """Read at scrape time: the background cache per avatar, avatars, sessions, inference reachability."""
-    hits = CounterMetricFamily("lipsync_cache_hits", "Background frame cache hits.", labels=["model"])
-    misses = CounterMetricFamily("lipsync_cache_misses", "Background frame cache misses.", labels=["model"])
-    evictions = CounterMetricFamily("lipsync_cache_evictions", "Background frames evicted.", labels=["model"])
-    frames = GaugeMetricFamily("lipsync_cache_frames", "Background frames cached.", labels=["model"])
-    per_model = GaugeMetricFamily("lipsync_cache_model_bytes", "Bytes of background frames cached.", labels=["model"])
-    encoded = GaugeMetricFamily(
-        "lipsync_cache_encoded_bytes", "Bytes of cached background encodes reused by spliced JPEG.", labels=["model"]
-    )
-    for model_id in sorted(core.config.models):
-        stats = core.cache.stats(model_id)
-        hits.add_metric([model_id], stats.hits)
-        misses.add_metric([model_id], stats.misses)
-        evictions.add_metric([model_id], stats.evictions)
-        frames.add_metric([model_id], stats.frames)
-        per_model.add_metric([model_id], stats.bytes)
-        encoded.add_metric([model_id], stats.encoded_bytes)
-    total = GaugeMetricFamily("lipsync_cache_bytes", "Bytes of background frames cached in all.")
-    total.add_metric([], core.cache.total_bytes)
-    limit = GaugeMetricFamily("lipsync_cache_max_bytes", "The cache's bound (capacity.background_cache_mb).")
-    limit.add_metric([], core.config.background_cache_bytes)
-    avatars = GaugeMetricFamily("lipsync_loaded_models", "Avatars loaded.")
-    avatars.add_metric([], len(core.avatars.entries()))
-    sessions = GaugeMetricFamily("lipsync_sessions_active", "Streaming sessions open now.")
-    sessions.add_metric([], servicer.active_sessions)
-    reachable = GaugeMetricFamily("lipsync_inference_reachable", "1 while the inference service answers Health.")
-    reachable.add_metric([], 1 if watch.reachable else 0)
-    hop = core.backend.hop
-    hop_calls = CounterMetricFamily("lipsync_hop_requests", "InferBatch calls to the inference service.")
-    hop_calls.add_metric([], hop.requests)
-    hop_frames = CounterMetricFamily("lipsync_hop_frames", "Frames sent to the inference service.")
-    hop_frames.add_metric([], hop.frames)
-    hop_bytes = CounterMetricFamily(
+    """Read at scrape time: the background cache per avatar, avatars, sessions, inference reachability, the hop
+    and how JPEG frames were encoded."""
+    yield from cache_metrics(core)
+    yield gauge("lipsync_loaded_models", "Avatars loaded.", len(core.avatars.entries()))
+    yield gauge("lipsync_sessions_active", "Streaming sessions open now.", servicer.active_sessions)
+    yield gauge("lipsync_inference_reachable", "1 while the inference service answers Health.", int(watch.reachable))
+    yield from hop_metrics(core.backend.hop)
+    yield from jpeg_metrics(core.compositor.counts)
+
+
+def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc)
+    family.add_metric([], value)
+    return family
+
+
+CACHE_METRICS = [  # per avatar: (name, doc, CacheStats field, family)
+    ("lipsync_cache_hits", "Background frame cache hits.", "hits", CounterMetricFamily),
+    ("lipsync_cache_misses", "Background frame cache misses.", "misses", CounterMetricFamily),
+    ("lipsync_cache_evictions", "Background frames evicted.", "evictions", CounterMetricFamily),
+    ("lipsync_cache_frames", "Background frames cached.", "frames", GaugeMetricFamily),
+    ("lipsync_cache_model_bytes", "Bytes of background frames cached.", "bytes", GaugeMetricFamily),
+    (
+        "lipsync_cache_encoded_bytes",
+        "Bytes of cached background encodes reused by spliced JPEG.",
+        "encoded_bytes",
+        GaugeMetricFamily,
+    ),
+]
+
+
+def cache_metrics(core: CompositingCore) -> Iterable[Metric]:
+    stats = {model_id: core.cache.stats(model_id) for model_id in sorted(core.config.models)}
+    for name, doc, field, kind in CACHE_METRICS:
+        family = kind(name, doc, labels=["model"])
+        for model_id, found in stats.items():
+            family.add_metric([model_id], getattr(found, field))
+        yield family
+    yield gauge("lipsync_cache_bytes", "Bytes of background frames cached in all.", core.cache.total_bytes)
+    bound = core.config.background_cache_bytes
+    yield gauge("lipsync_cache_max_bytes", "The cache's bound (capacity.background_cache_mb).", bound)
+
+
+def hop_metrics(hop: HopStats) -> Iterable[Metric]:
+    calls = CounterMetricFamily("lipsync_hop_requests", "InferBatch calls to the inference service.")
+    calls.add_metric([], hop.requests)
+    frames = CounterMetricFamily("lipsync_hop_frames", "Frames sent to the inference service.")
+    frames.add_metric([], hop.frames)
+    sizes = CounterMetricFamily(
         "lipsync_hop_bytes", "Bytes of InferBatch messages on the hop, by direction.", labels=["direction"]
     )
-    hop_bytes.add_metric(["request"], hop.request_bytes)
-    hop_bytes.add_metric(["response"], hop.response_bytes)
-    hop_inputs = CounterMetricFamily(
+    sizes.add_metric(["request"], hop.request_bytes)
+    sizes.add_metric(["response"], hop.response_bytes)
+    inputs = CounterMetricFamily(
         "lipsync_hop_inputs_sent",
         "Model inputs sent as pixels: first (the server did not hold them yet) or resent (it reported them missing).",
         labels=["why"],
     )
-    hop_inputs.add_metric(["first"], hop.inputs_sent)
-    hop_inputs.add_metric(["resent"], hop.inputs_resent)
-    counts = core.compositor.counts
+    inputs.add_metric(["first"], hop.inputs_sent)
+    inputs.add_metric(["resent"], hop.inputs_resent)
+    return [calls, frames, sizes, inputs]
+
+
+def jpeg_metrics(counts: EncodeCounts) -> Iterable[Metric]:
     jpeg = CounterMetricFamily("lipsync_jpeg_frames", "JPEG frames by how they were encoded.", labels=["path"])
     jpeg.add_metric(["spliced"], counts.spliced)
     jpeg.add_metric(["full"], counts.full)
@@ -83,25 +103,7 @@ def core_metrics(core: CompositingCore, servicer: CompositingServicer, watch: In
     )
     for reason, count in sorted(counts.fallbacks.items()):
         fallbacks.add_metric([reason], count)
-    return [
-        hop_calls,
-        hop_frames,
-        hop_bytes,
-        hop_inputs,
-        hits,
-        misses,
-        evictions,
-        frames,
-        per_model,
-        encoded,
-        total,
-        limit,
-        avatars,
-        sessions,
-        reachable,
-        jpeg,
-        fallbacks,
-    ]
+    return [jpeg, fallbacks]
 
 
 class InferenceWatch:

@@ -194,6 +194,15 @@ class LipSyncModel:
         count = device.workers if device.kind == "cuda" else 1
         self.sessions = [create_session(path, device, onnx, max_batch) for _ in range(count)]
         self.encoders = [create_session(encoder_path, device, onnx) for _ in range(count)] if encoder_path else []
+        self._read_io(path, geometry)
+        self.providers = self.session.get_providers()
+        self.runners = self._runners(onnx, count)
+        weights = path.stat().st_size + (encoder_path.stat().st_size if encoder_path else 0)
+        self.weights_bytes = weights
+        self.memory_bytes = weights * count  # every session holds its own copy of the weights
+
+    def _read_io(self, path: Path, geometry: Geometry | None) -> None:
+        """The model's tensor names and per-frame shapes, checked against what the service feeds it."""
         inputs = {i.name: i for i in self.session.get_inputs()}
         if set(inputs) != {VISUAL_INPUT, AUDIO_INPUT}:
             raise InvalidArgument(
@@ -215,37 +224,38 @@ class LipSyncModel:
                 f"model file {path.name}: input is {list(self.visual_shape)} but geometry "
                 f"{self.geometry.name} feeds {list(self.geometry.visual_shape)}"
             )
-        self.providers = self.session.get_providers()
+
+    def _runners(self, onnx: OnnxConfig, count: int) -> list[BoundRunner]:
+        """A bound runner per worker where buffers are bound (GPUs by default), with the on-device input builder
+        when held inputs live on the device; none where plain ``session.run`` serves."""
         location = binding_device(self.session)
         use_binding = onnx.io_binding == "on" or (onnx.io_binding == "auto" and location == "cuda")
         self.graph_sizes = onnx.cuda_graph_batch_sizes if onnx.cuda_graph and location == "cuda" else ()
         # Held inputs live on the device and the float input is built there (CUDA; the CPU when asked, as tests do).
         device_inputs = onnx.device_inputs == "on" or (onnx.device_inputs == "auto" and location == "cuda")
+        bound = use_binding or bool(self.graph_sizes)
+        index = max(self.device.index, 0)
         self.prep = (
-            PrepGraphs(self.geometry, self.session.get_providers(), location, max(device.index, 0))
-            if device_inputs and self.geometry is not None and (use_binding or self.graph_sizes)
+            PrepGraphs(self.geometry, self.session.get_providers(), location, index)
+            if device_inputs and self.geometry is not None and bound
             else None
         )
-        self.runners = (
-            [
-                BoundRunner(
-                    self.sessions[w % count],
-                    (VISUAL_INPUT, AUDIO_INPUT),
-                    self.output_name,
-                    self.output_shape,
-                    location,
-                    max(device.index, 0),
-                    self.graph_sizes,
-                    self.prep,
-                )
-                for w in range(device.workers)
-            ]
-            if use_binding or self.graph_sizes
-            else []
-        )
-        weights = path.stat().st_size + (encoder_path.stat().st_size if encoder_path else 0)
-        self.weights_bytes = weights
-        self.memory_bytes = weights * count  # every session holds its own copy of the weights
+        if not bound:
+            return []
+        names = (VISUAL_INPUT, AUDIO_INPUT)
+        return [
+            BoundRunner(
+                self.sessions[w % count],
+                names,
+                self.output_name,
+                self.output_shape,
+                location,
+                index,
+                self.graph_sizes,
+                self.prep,
+            )
+            for w in range(self.device.workers)
+        ]
 
     @property
     def session(self) -> ort.InferenceSession:

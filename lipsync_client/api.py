@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +52,15 @@ class RenderResult:
     @property
     def fps(self) -> float:
         return self.frames / self.wall_seconds if self.wall_seconds else 0.0
+
+    def add(self, response: pb.CompositeBatchResponse) -> None:
+        """One batch's frames and server timings."""
+        self.frames += len(response.composited_frames)
+        self.batches += 1
+        self.audio_ms += response.audio_processing_ms
+        self.inference_ms += response.inference_time_ms
+        self.composite_ms += response.composite_time_ms
+        self.server_total_ms += response.total_time_ms
 
     @property
     def real_time_factor(self) -> float:
@@ -251,10 +260,7 @@ class LipsyncClient:
             )
         if out is None and frames_dir is None:
             raise LipsyncError("out, frames_dir: give at least one")
-        try:
-            samples = read_speech(audio) if not isinstance(audio, np.ndarray) else audio.astype(np.float32)
-        except MediaError as exc:
-            raise LipsyncError(str(exc)) from None
+        samples = speech_samples(audio)
         total = utterance_frames(len(samples)) if len(samples) >= 3000 else 0
         if not total:
             raise LipsyncError("audio: too short (at least 0.19 s of speech)")
@@ -266,51 +272,76 @@ class LipsyncClient:
             0, len(samples) / SAMPLE_RATE, 0.0, out=Path(out) if out else None, frames_dir=frames_path
         )
         started = time.perf_counter()
-        pending: collections.deque[tuple[int, float, pb.CompositeBatchRequest, Future]] = collections.deque()
-        firsts = iter(range(0, total, batch_size))
         try:
-            while True:
-                while len(pending) < concurrency:
-                    first = next(firsts, None)
-                    if first is None:
-                        break
-                    count = min(batch_size, total - first)
-                    lo, hi = required_samples(first, count, len(samples))
-                    request = pb.CompositeBatchRequest(
-                        model_id=model,
-                        raw_audio=samples[lo:hi].tobytes(),
-                        audio_encoding=inference_pb2.AUDIO_FLOAT32,
-                        sample_rate=SAMPLE_RATE,
-                        audio_offset_samples=lo,
-                        utterance_samples=len(samples),
-                        first_frame=first,
-                        batch_size=count,
-                        start_frame_idx=start_frame + first,
-                    )
-                    call = self.stub.InferBatchComposite.future(request, timeout=self.timeout)
-                    pending.append((first, time.perf_counter(), request, call))
-                if not pending:
-                    break
-                first, sent, request, future = pending.popleft()
-                response = self._batch_answer(future, request, None)
-                result.batch_latencies_ms.append((time.perf_counter() - sent) * 1000)
+            for first, response in self._batches(model, samples, total, batch_size, concurrency, start_frame, result):
                 for i, data in enumerate(response.composited_frames):
                     if writer:
                         writer.add_jpeg(data)
                     if frames_path:
                         (frames_path / f"{first + i:06d}.jpg").write_bytes(data)
-                result.frames += len(response.composited_frames)
-                result.batches += 1
-                result.audio_ms += response.audio_processing_ms
-                result.inference_ms += response.inference_time_ms
-                result.composite_ms += response.composite_time_ms
-                result.server_total_ms += response.total_time_ms
+                result.add(response)
                 if progress:
                     progress(result.frames, total)
         finally:
-            for *_, future in pending:
-                future.cancel()
             if writer:
                 writer.close()
         result.wall_seconds = time.perf_counter() - started
         return result
+
+    def _batches(
+        self,
+        model: str,
+        samples: np.ndarray,
+        total: int,
+        batch_size: int,
+        concurrency: int,
+        start_frame: int,
+        result: RenderResult,
+    ) -> Iterator[tuple[int, pb.CompositeBatchResponse]]:
+        """The utterance's batches in order, ``concurrency`` in flight, each with the samples its frames need;
+        every answer's latency goes into ``result``."""
+        pending: collections.deque[tuple[int, float, pb.CompositeBatchRequest, Future]] = collections.deque()
+        firsts = iter(range(0, total, batch_size))
+        try:
+            while True:
+                while len(pending) < concurrency and (first := next(firsts, None)) is not None:
+                    request = batch_request(model, samples, first, min(batch_size, total - first), start_frame)
+                    call = self.stub.InferBatchComposite.future(request, timeout=self.timeout)
+                    pending.append((first, time.perf_counter(), request, call))
+                if not pending:
+                    return
+                first, sent, request, future = pending.popleft()
+                response = self._batch_answer(future, request, None)
+                result.batch_latencies_ms.append((time.perf_counter() - sent) * 1000)
+                yield first, response
+        finally:
+            for *_, future in pending:
+                future.cancel()
+
+
+def speech_samples(audio: str | Path | np.ndarray) -> np.ndarray:
+    """16 kHz mono float32: a file decoded (any common format), or samples as given."""
+    if isinstance(audio, np.ndarray):
+        return audio.astype(np.float32)
+    try:
+        return read_speech(audio)
+    except MediaError as exc:
+        raise LipsyncError(str(exc)) from None
+
+
+def batch_request(
+    model: str, samples: np.ndarray, first: int, count: int, start_frame: int
+) -> pb.CompositeBatchRequest:
+    """Frames ``first .. first + count`` of an utterance, with exactly the samples they depend on."""
+    lo, hi = required_samples(first, count, len(samples))
+    return pb.CompositeBatchRequest(
+        model_id=model,
+        raw_audio=samples[lo:hi].tobytes(),
+        audio_encoding=inference_pb2.AUDIO_FLOAT32,
+        sample_rate=SAMPLE_RATE,
+        audio_offset_samples=lo,
+        utterance_samples=len(samples),
+        first_frame=first,
+        batch_size=count,
+        start_frame_idx=start_frame + first,
+    )

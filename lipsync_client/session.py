@@ -153,6 +153,36 @@ class Feeder(threading.Thread):
             self.error = exc
 
 
+def session_config(
+    model: str,
+    start_frame: int,
+    idle_frames: bool,
+    drop_late_frames: bool,
+    jpeg_quality: int,
+    max_batch_frames: int,
+    output_format: str,
+) -> pb.SessionConfig:
+    """The session's first message; the options checked here, naming the parameter, before any call."""
+    if start_frame < 0:
+        raise LipsyncError(f"start_frame: expected >= 0, got {start_frame}")
+    if not 0 <= jpeg_quality <= 100:
+        raise LipsyncError(f"jpeg_quality: expected 0 (the server's) to 100, got {jpeg_quality}")
+    if max_batch_frames < 0:
+        raise LipsyncError(f"max_batch_frames: expected >= 0, got {max_batch_frames}")
+    return pb.SessionConfig(
+        model_id=model,
+        start_frame_idx=start_frame,
+        fps=FPS,
+        output_format=output_format,
+        jpeg_quality=jpeg_quality,
+        audio_encoding=inference_pb2.AUDIO_FLOAT32,
+        sample_rate=SAMPLE_RATE,
+        idle_frames=idle_frames,
+        drop_late_frames=drop_late_frames,
+        max_batch_frames=max_batch_frames,
+    )
+
+
 class LipsyncSession:
     """One real-time session on a compositing server; a context manager (``LipsyncClient.session(...)``).
 
@@ -175,12 +205,9 @@ class LipsyncSession:
         timeout: float | None = None,
         send_queue: int = 8,
     ) -> None:
-        if start_frame < 0:
-            raise LipsyncError(f"start_frame: expected >= 0, got {start_frame}")
-        if not 0 <= jpeg_quality <= 100:
-            raise LipsyncError(f"jpeg_quality: expected 0 (the server's) to 100, got {jpeg_quality}")
-        if max_batch_frames < 0:
-            raise LipsyncError(f"max_batch_frames: expected >= 0, got {max_batch_frames}")
+        config = session_config(
+            model, start_frame, idle_frames, drop_late_frames, jpeg_quality, max_batch_frames, output_format
+        )
         self.model = model
         self.start_frame = start_frame
         self.last_frame: StreamFrame | None = None
@@ -202,18 +229,6 @@ class LipsyncSession:
         self.ended_s: float | None = None
         self.first_audio_s: float | None = None
         self.first_frame_s: float | None = None
-        config = pb.SessionConfig(
-            model_id=model,
-            start_frame_idx=start_frame,
-            fps=FPS,
-            output_format=output_format,
-            jpeg_quality=jpeg_quality,
-            audio_encoding=inference_pb2.AUDIO_FLOAT32,
-            sample_rate=SAMPLE_RATE,
-            idle_frames=idle_frames,
-            drop_late_frames=drop_late_frames,
-            max_batch_frames=max_batch_frames,
-        )
         self._requests.put((pb.SessionRequest(config=config), None))
         self.opened_s = time.perf_counter()
         self._call = client.stub.StreamSession(self._request_stream(), timeout=timeout)
@@ -564,12 +579,7 @@ def stream(
     if frames_path:
         frames_path.mkdir(parents=True, exist_ok=True)
     result = StreamResult(
-        0,
-        len(samples) / SAMPLE_RATE,
-        realtime,
-        chunk_ms,
-        out=Path(out) if out else None,
-        frames_dir=frames_path,
+        0, len(samples) / SAMPLE_RATE, realtime, chunk_ms, out=Path(out) if out else None, frames_dir=frames_path
     )
     received: list[StreamFrame] = []
     with LipsyncSession(client, model, start_frame=start_frame, **session_options) as session:
@@ -593,6 +603,12 @@ def stream(
             writer.finish()
     if writer.error is not None:
         raise LipsyncError(f"out: {writer.error}") from None
+    _figures(result, session, received)
+    return result
+
+
+def _figures(result: StreamResult, session: LipsyncSession, received: list[StreamFrame]) -> None:
+    """The session's counts and latencies into ``result``: each speech frame against when its audio was ready."""
     stats = session.ended
     if stats is None or session.ended_s is None:
         raise LipsyncError("session: the server closed the stream without SessionEnded")
@@ -609,4 +625,3 @@ def stream(
             ready = session.audio_ready_s(frame.utterance, frame.utterance_frame)
             if ready is not None:
                 result.latencies_ms.append((frame.received_s - ready) * 1000)
-    return result

@@ -129,34 +129,46 @@ async def decode_body(
     anything else is a container or codec PyAV can read from a stream (WAV, OGG/Opus, MP3, WebM...).
     """
     pcm = _pcm_rate(content_type)
+    if pcm is not None:
+        big_endian = content_type.lower().startswith("audio/l16")
+        blocks = _decode_pcm(chunks, *pcm, ">i2" if big_endian else "<i2")
+    else:
+        blocks = _decode_container(chunks, on_error)
     total = 0
     limit = int(max_seconds * RATE)
-    if pcm is not None:
-        rate, channels = pcm
-        dtype = ">i2" if content_type.lower().startswith("audio/l16") else "<i2"
-        resampler = soxr.ResampleStream(rate, RATE, 1, dtype="float32") if rate != RATE else None
-        rest = b""
-        async for chunk in chunks:
-            data = rest + chunk
-            usable = len(data) // (2 * channels) * (2 * channels)
-            rest = data[usable:]
-            samples = np.frombuffer(data[:usable], dtype).reshape(-1, channels).mean(axis=1, dtype=np.float32)
-            samples = samples / 32768.0
-            if resampler is not None:
-                samples = resampler.resample_chunk(samples)
+    async with contextlib.aclosing(blocks):
+        async for samples in blocks:
             total += len(samples)
             if total > limit:
                 on_error(f"audio: longer than the {max_seconds:g} s limit")
                 return
-            yield samples.astype(np.float32, copy=False)
-        if resampler is not None:
-            yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
-        return
+            yield samples
 
-    loop = asyncio.get_running_loop()
-    reader = _BodyReader()
-    out: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
-    stop = threading.Event()
+
+async def _decode_pcm(chunks: AsyncIterator[bytes], rate: int, channels: int, dtype: str) -> AsyncIterator[np.ndarray]:
+    resampler = soxr.ResampleStream(rate, RATE, 1, dtype="float32") if rate != RATE else None
+    frame_bytes = 2 * channels
+    rest = b""
+    async for chunk in chunks:
+        data = rest + chunk
+        usable = len(data) // frame_bytes * frame_bytes
+        rest = data[usable:]
+        samples = np.frombuffer(data[:usable], dtype).reshape(-1, channels).mean(axis=1, dtype=np.float32)
+        samples = samples / 32768.0
+        if resampler is not None:
+            samples = resampler.resample_chunk(samples)
+        yield samples.astype(np.float32, copy=False)
+    if resampler is not None:
+        yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+
+
+def _container_decoder(
+    reader: _BodyReader, out: asyncio.Queue[Any], stop: threading.Event, loop: asyncio.AbstractEventLoop
+) -> Callable[[], None]:
+    """The body's decoder, run on its own thread because PyAV reads blocking; None on ``out`` ends it."""
+
+    def put(item: Any) -> None:
+        asyncio.run_coroutine_threadsafe(out.put(item), loop).result()
 
     def decode() -> None:
         try:
@@ -167,13 +179,21 @@ async def decode_body(
                     for piece in resampler.resample(frame):
                         if stop.is_set():
                             return
-                        asyncio.run_coroutine_threadsafe(out.put(piece.to_ndarray().reshape(-1)), loop).result()
+                        put(piece.to_ndarray().reshape(-1))
                 for piece in resampler.resample(None):
-                    asyncio.run_coroutine_threadsafe(out.put(piece.to_ndarray().reshape(-1)), loop).result()
-            asyncio.run_coroutine_threadsafe(out.put(None), loop).result()
+                    put(piece.to_ndarray().reshape(-1))
+            put(None)
         except Exception as exc:  # not audio, or cut short: the handler answers 400
             with contextlib.suppress(RuntimeError):
-                asyncio.run_coroutine_threadsafe(out.put(exc), loop).result()
+                put(exc)
+
+    return decode
+
+
+async def _decode_container(chunks: AsyncIterator[bytes], on_error: Callable[[str], None]) -> AsyncIterator[np.ndarray]:
+    reader = _BodyReader()
+    out: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
+    stop = threading.Event()
 
     async def pump() -> None:
         try:
@@ -182,20 +202,13 @@ async def decode_body(
         finally:
             await asyncio.to_thread(reader.chunks.put, None)
 
-    thread = threading.Thread(target=decode, name="gateway-speech-decode", daemon=True)
-    thread.start()
+    decode = _container_decoder(reader, out, stop, asyncio.get_running_loop())
+    threading.Thread(target=decode, name="gateway-speech-decode", daemon=True).start()
     feeder = asyncio.create_task(pump())
     try:
-        while True:
-            item = await out.get()
-            if item is None:
-                break
+        while (item := await out.get()) is not None:
             if isinstance(item, Exception):
                 on_error(f"audio: cannot decode the body ({type(item).__name__}: {item})")
-                return
-            total += len(item)
-            if total > limit:
-                on_error(f"audio: longer than the {max_seconds:g} s limit")
                 return
             yield item
     finally:

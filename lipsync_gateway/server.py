@@ -353,78 +353,23 @@ class Gateway:
         call = self.stub.StreamSession(session_requests(config, samples), timeout=self.config.session_timeout)
         pump = ResponsePump(call, asyncio.get_running_loop())
         try:
-            try:
-                first = await pump.get()
-            except grpc.RpcError as exc:
-                raise GatewayError.from_rpc(exc) from None
-            if first is pump.EOF or first.WhichOneof("message") != "started":
-                raise GatewayError(502, "INTERNAL", "the compositing service ended the session before it started")
-            started = first.started
+            started = await first_message(pump)
             response = web.StreamResponse(
                 headers={"Content-Type": NDJSON, "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
             )
             response.enable_chunked_encoding()
             await response.prepare(request)
-            await response.write(
-                line(
-                    {
-                        "started": {
-                            "session_id": started.session_id,
-                            "model": model,
-                            "width": started.frame_width,
-                            "height": started.frame_height,
-                            "fps": started.fps,
-                            "num_background_frames": started.num_background_frames,
-                            "audio_seconds": audio_seconds,
-                        }
-                    }
-                )
-            )
-            frames = 0
+            await response.write(line({"started": started_line(started, model, audio_seconds)}))
             try:
-                while True:
-                    message = await pump.get()
-                    if message is pump.EOF:
-                        break
-                    kind = message.WhichOneof("message")
-                    if kind == "frame":
-                        frame = message.frame
-                        frames += 1
-                        await response.write(
-                            line(
-                                {
-                                    "index": frame.frame_index,
-                                    "t": frame.timestamp_s,
-                                    "speech": frame.speech,
-                                    "jpeg": base64.b64encode(frame.image).decode("ascii"),
-                                }
-                            )
-                        )
-                    elif kind == "ended":
-                        ended = message.ended
-                        wall = time.monotonic() - began
-                        await response.write(
-                            line(
-                                {
-                                    "ended": {
-                                        "frames": ended.frames,
-                                        "speech_frames": ended.speech_frames,
-                                        "idle_frames": ended.idle_frames,
-                                        "dropped_frames": ended.dropped_frames,
-                                        "audio_seconds": ended.audio_seconds,
-                                        "wall_seconds": round(wall, 3),
-                                    }
-                                }
-                            )
-                        )
-                        log.info(
-                            "session %s (%s): %.2f s of audio, %d frames in %.2f s",
-                            started.session_id,
-                            model,
-                            audio_seconds,
-                            frames,
-                            wall,
-                        )
+                frames = await relay_frames(pump, response, began)
+                log.info(
+                    "session %s (%s): %.2f s of audio, %d frames in %.2f s",
+                    started.session_id,
+                    model,
+                    audio_seconds,
+                    frames,
+                    time.monotonic() - began,
+                )
             except grpc.RpcError as exc:
                 log.warning("session %s failed: %s %s", started.session_id, exc.code().name, exc.details())
                 await response.write(error_line(exc.code().name, exc.details() or exc.code().name).encode())
@@ -432,6 +377,55 @@ class Gateway:
             return response
         finally:
             pump.close()
+
+
+async def first_message(pump: ResponsePump) -> pb.SessionStarted:
+    """The session's SessionStarted; a refusal before it is an HTTP error with the gRPC status."""
+    try:
+        first = await pump.get()
+    except grpc.RpcError as exc:
+        raise GatewayError.from_rpc(exc) from None
+    if first is pump.EOF or first.WhichOneof("message") != "started":
+        raise GatewayError(502, "INTERNAL", "the compositing service ended the session before it started")
+    return first.started
+
+
+def started_line(started: pb.SessionStarted, model: str, audio_seconds: float) -> dict[str, Any]:
+    return {
+        "session_id": started.session_id,
+        "model": model,
+        "width": started.frame_width,
+        "height": started.frame_height,
+        "fps": started.fps,
+        "num_background_frames": started.num_background_frames,
+        "audio_seconds": audio_seconds,
+    }
+
+
+async def relay_frames(pump: ResponsePump, response: web.StreamResponse, began: float) -> int:
+    """Each frame as a JSON line with its JPEG in base64, then the session's end; how many frames went."""
+    frames = 0
+    while (message := await pump.get()) is not pump.EOF:
+        kind = message.WhichOneof("message")
+        if kind == "frame":
+            frame = message.frame
+            frames += 1
+            jpeg = base64.b64encode(frame.image).decode("ascii")
+            await response.write(
+                line({"index": frame.frame_index, "t": frame.timestamp_s, "speech": frame.speech, "jpeg": jpeg})
+            )
+        elif kind == "ended":
+            ended = message.ended
+            summary = {
+                "frames": ended.frames,
+                "speech_frames": ended.speech_frames,
+                "idle_frames": ended.idle_frames,
+                "dropped_frames": ended.dropped_frames,
+                "audio_seconds": ended.audio_seconds,
+                "wall_seconds": round(time.monotonic() - began, 3),
+            }
+            await response.write(line({"ended": summary}))
+    return frames
 
 
 def build_app(config: GatewayConfig) -> web.Application:

@@ -58,6 +58,32 @@ def _install(staging: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _read_encoder(audio_encoder: Path | None, progress: Progress) -> dict[str, np.ndarray] | None:
+    if audio_encoder is None:
+        return None
+    if not audio_encoder.is_file():
+        raise ModelImportError(f"{audio_encoder}: no such audio encoder checkpoint")
+    state = networks.encoder_state(read_state_dict(audio_encoder), str(audio_encoder))
+    progress(f"audio encoder: {len(state)} tensors from {audio_encoder}")
+    return state
+
+
+def _write_encoder(staging: Path, state: dict[str, np.ndarray], source: Path, progress: Progress) -> None:
+    doc = f"SyncTalk_2D ave audio encoder imported from {source.name}; BatchNorm folded."
+    path = save_model(networks.build_onnx(networks.ENCODER, state, doc), staging / "audio_encoder.onnx")
+    _smoke_test(path, {"mel": (1, 1, 80, 16)}, (1, 512))
+    progress("audio_encoder.onnx: written, ONNX Runtime runs it")
+
+
+def _staging(models_dir: Path, model_id: str) -> Path:
+    """A fresh hidden folder beside the target, so that installing it is a rename on the same file system."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    staging = models_dir / f".{model_id}.importing{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
 def import_synctalk2d(
     *,
     checkpoint: Path,
@@ -78,18 +104,10 @@ def import_synctalk2d(
     variant = networks.check_unet(state, variant, str(ckpt))
     params = _trainable(state)
     progress(f"checkpoint: a SyncTalk_2D {variant} UNet, {len(state)} tensors, {params:,} parameters")
-    encoder_state = None
-    if audio_encoder is not None:
-        if not audio_encoder.is_file():
-            raise ModelImportError(f"{audio_encoder}: no such audio encoder checkpoint")
-        encoder_state = networks.encoder_state(read_state_dict(audio_encoder), str(audio_encoder))
-        progress(f"audio encoder: {len(encoder_state)} tensors from {audio_encoder}")
+    encoder_state = _read_encoder(audio_encoder, progress)
     avatar = dataset.load_avatar(dataset_dir, frames, progress)
 
-    models_dir.mkdir(parents=True, exist_ok=True)
-    staging = models_dir / f".{model_id}.importing{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = _staging(models_dir, model_id)
     try:
         size = cards.GEOMETRY[variant]["input_size"]
         doc = f"SyncTalk_2D {variant} UNet ('ave') imported from {ckpt.name}; BatchNorm folded."
@@ -97,16 +115,10 @@ def import_synctalk2d(
         del state  # the graph holds its own (folded) copy of the weights: one less model's worth at the peak
         model_path = save_model(model, staging / "model.onnx")
         del model
-        feeds = {"input": (1, 6, size, size), "audio": (1, 32, 16, 16)}
-        _smoke_test(model_path, feeds, (1, 3, size, size))
+        _smoke_test(model_path, {"input": (1, 6, size, size), "audio": (1, 32, 16, 16)}, (1, 3, size, size))
         progress(f"model.onnx: written ({model_path.stat().st_size / 1e6:.1f} MB), ONNX Runtime runs it")
-        if encoder_state is not None:
-            doc = f"SyncTalk_2D ave audio encoder imported from {audio_encoder.name}; BatchNorm folded."
-            enc_path = save_model(
-                networks.build_onnx(networks.ENCODER, encoder_state, doc), staging / "audio_encoder.onnx"
-            )
-            _smoke_test(enc_path, {"mel": (1, 1, 80, 16)}, (1, 512))
-            progress("audio_encoder.onnx: written, ONNX Runtime runs it")
+        if encoder_state is not None and audio_encoder is not None:
+            _write_encoder(staging, encoder_state, audio_encoder, progress)
         dataset.write_avatar(avatar, staging, progress)
         card = cards.make_card(
             model_id=model_id,

@@ -113,14 +113,9 @@ async def start_grpc_server(
 ) -> RunningServer:
     """A grpc.aio server with the given services, grpc.health.v1 and reflection, started and SERVING, on the
     address and with the serving settings ``config`` gives."""
-    host, port, serving = config.host, config.port, config.serving
-    max_message_bytes, max_connection_age_s, grace_seconds = (
-        config.max_message_bytes,
-        config.max_connection_age_s,
-        config.grace_seconds,
-    )
+    serving = config.serving
     server = grpc.aio.server(
-        options=server_options(max_message_bytes, max_connection_age_s),
+        options=server_options(config.max_message_bytes, config.max_connection_age_s),
         interceptors=[ServiceInterceptor(policy)],
         maximum_concurrent_rpcs=serving.max_concurrent_rpcs,
     )
@@ -128,8 +123,39 @@ async def start_grpc_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = _listen(server, config.host, config.port, serving)
+    metrics = policy.metrics
+    if metrics is not None and serving.metrics.enabled:
+        metrics_port = metrics.serve(serving.metrics.host, serving.metrics.port)
+        log.info("metrics on http://%s:%d/metrics", serving.metrics.host, metrics_port)
+    if serving.tls is None and policy.tokens is None and config.host not in LOOPBACK:
+        log.warning(
+            "serving plain text without authentication on %s:%d: anyone who reaches it may call it",
+            config.host,
+            config.port,
+        )
+    probe_server = await _health_probe(health_servicer, config.host, serving.health_port)
+    await server.start()
+    running = RunningServer(
+        server,
+        health_servicer,
+        bound,
+        list(service_names),
+        config.grace_seconds,
+        on_stop,
+        metrics=metrics,
+        policy=policy,
+        shutdown_delay_s=serving.shutdown_delay_s,
+        tls=serving.tls is not None,
+        probe_server=probe_server,
+    )
+    await running.set_serving(True)
+    return running
+
+
+def _listen(server: grpc.aio.Server, host: str, port: int, serving: ServingConfig) -> int:
+    """The bound port: TLS when configured, plain text otherwise (which the config had to ask for)."""
     address = f"{host}:{port}"
-    tls = serving.tls is not None
     if serving.tls is not None:
         try:
             bound = server.add_secure_port(address, server_credentials(serving.tls))
@@ -139,35 +165,19 @@ async def start_grpc_server(
         bound = server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"server.port: cannot listen on {address}")
-    metrics = policy.metrics
-    if metrics is not None and serving.metrics.enabled:
-        metrics_port = metrics.serve(serving.metrics.host, serving.metrics.port)
-        log.info("metrics on http://%s:%d/metrics", serving.metrics.host, metrics_port)
-    if not tls and policy.tokens is None and host not in LOOPBACK:
-        log.warning("serving plain text without authentication on %s: anyone who reaches it may call it", address)
-    probe_server = None
-    if serving.health_port:
-        probe_server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe_server)
-        if probe_server.add_insecure_port(f"{host}:{serving.health_port}") == 0:
-            raise RuntimeError(f"server.health_port: cannot listen on {host}:{serving.health_port}")
-        await probe_server.start()
-    await server.start()
-    running = RunningServer(
-        server,
-        health_servicer,
-        bound,
-        list(service_names),
-        grace_seconds,
-        on_stop,
-        metrics=metrics,
-        policy=policy,
-        shutdown_delay_s=serving.shutdown_delay_s,
-        tls=tls,
-        probe_server=probe_server,
-    )
-    await running.set_serving(True)
-    return running
+    return bound
+
+
+async def _health_probe(health_servicer: health.aio.HealthServicer, host: str, port: int) -> grpc.aio.Server | None:
+    """``server.health_port``: the same health status in plain text, for probes that cannot speak TLS."""
+    if not port:
+        return None
+    probe_server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe_server)
+    if probe_server.add_insecure_port(f"{host}:{port}") == 0:
+        raise RuntimeError(f"server.health_port: cannot listen on {host}:{port}")
+    await probe_server.start()
+    return probe_server
 
 
 async def serve_until_signal(running: RunningServer, name: str) -> None:
