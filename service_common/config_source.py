@@ -336,7 +336,3 @@ def parse_geometry(model: Section) -> Geometry:
     except ValueError as exc:
         raise ConfigError(f"{key}: {exc}") from None
     return geometry
-
-
-def parse_log_level(logging_section: Section) -> str:
-    return to_log_level(logging_section.data.get("level") or "INFO", logging_section.key("level"))
