@@ -186,8 +186,13 @@ def unknown_key(key: str, suggestion: str | None, expected: Iterable[str] = ()) 
 
 
 def close_match(name: str, candidates: Iterable[str]) -> str | None:
-    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return matches[0] if matches else None
+    """A typo's likeliest intended name, or the one candidate the name begins (``ca`` for ``ca_file``)."""
+    candidates = list(candidates)
+    matches = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    if matches:
+        return matches[0]
+    longer = [c for c in candidates if len(name) >= 2 and c.startswith(name)]
+    return longer[0] if len(longer) == 1 else None
 
 
 class Section:
