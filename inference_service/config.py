@@ -50,22 +50,26 @@ def graph_sizes(value: Any, key: str) -> tuple[int, ...]:
 def batching_keys(per_model: bool) -> tuple[Key, ...]:
     """``batching.*``, or a model's own ``models.<id>.batching.*``, whose defaults are the former's values."""
 
-    def default(name: str, literal: Any) -> Any:
+    def default_of(name: str, literal: Any) -> Any:
         return From(f"batching.{name}") if per_model else literal
 
     return (
-        flag("batching.enabled", default("enabled", False), "dynamic batching of concurrent requests (docs/gpu.md)"),
+        flag("batching.enabled", default_of("enabled", False), "dynamic batching of concurrent requests (docs/gpu.md)"),
         integer(
-            "batching.max_batch_frames", default("max_batch_frames", 16), "a batch closes at this many frames", 1, 4096
+            "batching.max_batch_frames",
+            default_of("max_batch_frames", 16),
+            "a batch closes at this many frames",
+            1,
+            4096,
         ),
         number(
             "batching.max_queue_delay_ms",
-            default("max_queue_delay_ms", 0.0),
+            default_of("max_queue_delay_ms", 0.0),
             "... or when its oldest request has waited this long; 0: a free worker takes what is queued at once",
             0.0,
         ),
         integer(
-            "batching.max_queue_frames", default("max_queue_frames", 256), "frames waiting per model and device", 1
+            "batching.max_queue_frames", default_of("max_queue_frames", 256), "frames waiting per model and device", 1
         ),
     )
 
