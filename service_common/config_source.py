@@ -48,6 +48,8 @@ def load_yaml(path: Path | str | None) -> dict[str, Any]:
 
 
 class EnvironmentFilter(Protocol):
+    """What read_config asks of a schema (config_schema.Schema), without importing it."""
+
     def from_environment(self, overrides: dict[str, Any]) -> dict[str, Any]: ...
 
 
@@ -196,7 +198,8 @@ def close_match(name: str, candidates: Iterable[str]) -> str | None:
 
 
 class Section:
-    """Typed reads from one mapping of the raw config, naming the full key on error."""
+    """Typed reads from one mapping of a raw config, naming the full key on error (what parse_geometry reads;
+    the services' keys go through their schemas)."""
 
     def __init__(self, data: Any, prefix: str = "") -> None:
         if data is None:
@@ -222,19 +225,9 @@ class Section:
     def int(self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
         return to_int(self._get(name, default), self.key(name), minimum, maximum)
 
-    def float(self, name: str, default: float, *, minimum: float | None = None) -> float:
-        return to_float(self._get(name, default), self.key(name), minimum)
-
-    def bool(self, name: str, default: bool) -> bool:
-        return to_bool(self._get(name, default), self.key(name))
-
     def str(self, name: str, default: str | None, *, choices: Iterable[str] | None = None) -> str | None:
         value = self._get(name, default)
         return None if value is None else to_str(value, self.key(name), choices)
-
-    def unknown_keys(self, known: Iterable[str]) -> list[str]:
-        known_set = set(known)
-        return [self.key(k) for k in self.data if k not in known_set]
 
 
 def parse_listen_address(value: Any, key: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
