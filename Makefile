@@ -10,7 +10,7 @@ PROTOS := shared_proto/inference.proto shared_proto/compositing.proto
 RUN_PACKAGES := nginx-light
 TEST_PACKAGES := nginx-light docker-compose chromium kubectl
 
-.PHONY: system-deps system-deps-test install proto proto-check lint test test-fast bench bench-inference bench-image-libs bench-compositing bench-cluster bench-stream bench-hardening bench-splice bench-batching bench-import bench-webrtc soak models demo run clean
+.PHONY: system-deps system-deps-test install proto proto-check config-docs config-docs-check lint test test-fast bench bench-inference bench-image-libs bench-compositing bench-cluster bench-stream bench-hardening bench-splice bench-batching bench-import bench-webrtc soak models demo run clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,14 @@ proto-check: install
 	@tmp=$$(mktemp -d) && \
 	$(PY) -m grpc_tools.protoc -I . --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTOS) && \
 	$(PY) tools/compare_generated.py $$tmp/shared_proto shared_proto; rc=$$?; rm -rf $$tmp; exit $$rc
+
+# docs/configuration.md from both services' config schemas (committed; see config-docs-check).
+config-docs: install
+	$(PY) tools/config_docs.py --write docs/configuration.md
+
+# Fails when the committed reference is not what `make config-docs` writes.
+config-docs-check: install
+	$(PY) tools/config_docs.py --check docs/configuration.md
 
 lint: install
 	$(PY) -m ruff check .

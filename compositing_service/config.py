@@ -1,28 +1,40 @@
-"""Compositing service configuration: the old system's YAML keys plus our additions.
+"""Compositing service configuration: its schema (the old system's YAML keys plus ours) and the dataclasses.
 
-Validated at start; an invalid value raises ConfigError naming its dotted key.
+Every key is declared once in SCHEMA; validation and docs/configuration.md come from it. An invalid value or
+an unknown key raises ConfigError naming its dotted key.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lipsync_protocol.geometry import DEFAULT as DEFAULT_GEOMETRY
 from lipsync_protocol.geometry import Geometry
+from service_common.config_schema import (
+    From,
+    Key,
+    Schema,
+    Table,
+    Values,
+    choice,
+    flag,
+    ignored,
+    integer,
+    number,
+    path,
+    text,
+)
 from service_common.config_source import (
     ConfigError,
-    Section,
-    parse_geometry,
-    parse_listen_address,
-    parse_log_level,
+    models_root_dir,
     read_config,
     resolve_under,
+    to_geometry,
+    to_str,
     valid_model_id,
 )
 from service_common.serving_config import (
@@ -30,91 +42,14 @@ from service_common.serving_config import (
     needs_plaintext,
     parse_client_tls,
     parse_serving,
-    plaintext_default,
     plaintext_error,
+    server_keys,
+    serving_keys,
 )
 from service_common.tls import ClientTls
 
-log = logging.getLogger(__name__)
-
 MIB = 1024 * 1024
 FRAME_ORDERS = ("ping_pong", "loop")
-
-
-@dataclass(frozen=True)
-class AvatarConfig:
-    model_id: str
-    model_path: str  # as configured; the inference service resolves it
-    inference_model: str  # the inference service's model id (default: the avatar's id)
-    background: Path  # a folder of images or a video file
-    crop_rects_path: Path
-    num_frames: int = 0  # 0 = as many as there are
-    preload_backgrounds: bool = False
-    geometry: Geometry = DEFAULT_GEOMETRY  # how frames become the model's input and back
-
-
-@dataclass(frozen=True)
-class CompositingConfig:
-    models_root: Path
-    host: str = "0.0.0.0"
-    port: int = 50052
-    max_message_size_mb: int = 64
-    max_batch_size: int = 64
-    inference_targets: tuple[str, ...] = ("127.0.0.1:50051",)
-    inference_timeout_s: float = 30.0
-    inference_max_retries: int = 3
-    inference_retry_backoff_s: float = 0.1
-    inference_mode: str = "remote"
-    inference_config: Path | None = None
-    # --set style overrides for the in-process engine's config (the process environment is not applied to it)
-    inference_overrides: tuple[str, ...] = ()
-    warmup: bool = True
-    max_models: int = 8
-    background_cache_frames: int = 600
-    background_cache_bytes: int = 2048 * MIB
-    frames_cache_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "lipsync-frames")
-    output_format: str = "jpeg"
-    jpeg_quality: int = 75
-    # Re-encode only the restart intervals under the mouth (jpeg_splice.py); the same bytes as a full encode
-    # with restart markers. Off: the plain full-frame encode.
-    jpeg_splicing: bool = True
-    jpeg_subsampling: str = "420"
-    jpeg_tile_width: int = 0  # pixels per restart interval; 0: fitted to each avatar's rectangles
-    frame_order: str = "ping_pong"
-    composite_threads: int = 0  # 0 = one per core
-    models: Mapping[str, AvatarConfig] = field(default_factory=dict)
-    log_inference_times: bool = False
-    log_compositing_times: bool = False
-    log_level: str = "INFO"
-    grace_seconds: float = 10.0
-    session_max_batch_frames: int = 8
-    session_buffer_frames: int = 100
-    session_max_audio_ahead_s: float = 10.0
-    max_sessions: int = 32
-    tune_malloc: bool = True
-    # Clients re-resolve DNS when a connection ends: bounding a connection's age lets
-    # new pods behind a headless Service get traffic. 0 = unbounded.
-    max_connection_age_s: float = 0.0
-    serving: ServingConfig = field(default_factory=ServingConfig)
-    # The hop to inference: TLS (None: plain text, which must be configured), and a token for its auth.
-    inference_tls: ClientTls | None = None
-    inference_token: str = ""
-
-    @property
-    def max_message_bytes(self) -> int:
-        return self.max_message_size_mb * MIB
-
-    @property
-    def inference_url(self) -> str:
-        return ",".join(self.inference_targets)
-
-
-def load_config(
-    path: Path | str | None,
-    overrides: Iterable[str] | Mapping[str, Any] = (),
-    environ: Mapping[str, str] | None = None,
-) -> CompositingConfig:
-    return parse_config(*read_config(path, overrides, environ))
 
 
 def parse_targets(value: Any, key: str) -> tuple[str, ...]:
@@ -134,185 +69,301 @@ def parse_targets(value: Any, key: str) -> tuple[str, ...]:
     return targets
 
 
-def inference_hop_tls(remote: Section, base: Path, mode: str, default_plaintext: bool = False) -> ClientTls | None:
-    """TLS towards inference, or None for plain text, which must be asked for (remote mode only)."""
-    tls = parse_client_tls(remote, base)
-    plaintext = remote.bool("plaintext", default_plaintext and tls is None)
-    if mode == "remote" and tls is None and not plaintext:
-        raise plaintext_error(("inference_server",))
-    if tls is not None and plaintext:
-        raise ConfigError("inference_server.plaintext: true conflicts with inference_server.tls; choose one")
-    return tls
-
-
-def inference_token(remote: Section, base: Path) -> str:
-    """``inference_server.token_env`` (a variable's name) or ``token_file``: the token sent to an inference
-    service that has auth enabled (it must be an admin token for LoadModel and UnloadModel to pass through)."""
-    env_name = remote.str("token_env", "") or ""
-    if env_name:
-        value = os.environ.get(env_name, "").strip()
-        if not value:
-            raise ConfigError(f"inference_server.token_env: the environment variable {env_name} is empty or unset")
-        return value
-    path = remote.str("token_file", "") or ""
-    if path:
-        file = Path(path).expanduser()
-        file = file if file.is_absolute() else base / file
-        try:
-            value = file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"inference_server.token_file: cannot read {file} ({exc.strerror})") from None
-        if not value:
-            raise ConfigError(f"inference_server.token_file: {file} is empty")
-        return value
-    return ""
-
-
-def output_format(output: Section) -> str:
-    value = (output.str("format", "jpeg") or "jpeg").strip().lower()
+def output_format(value: Any, key: str) -> str:
+    value = to_str(value, key).strip().lower()
     if value == "raw":
         # The Go server listed it but encoded JPEG regardless; a 24-frame batch of raw 720p BGR is 66 MB.
         raise ConfigError(
-            "output.format: raw is not served (the Go system listed it but always sent JPEG); "
+            f"{key}: raw is not served (the Go system listed it but always sent JPEG); "
             'use "jpeg" (the default, what old clients decode) or "png" (lossless)'
         )
     if value not in ("jpeg", "png"):
-        raise ConfigError(f"{output.key('format')}: expected jpeg or png, got {value!r}")
+        raise ConfigError(f"{key}: expected jpeg or png, got {value!r}")
     return value
 
 
-def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> CompositingConfig:
-    root = Section(raw)
-    for key in root.unknown_keys(
-        [
-            "models_root",
-            "session",
-            "server",
-            "inference_server",
-            "inference",
-            "capacity",
-            "output",
-            "models",
-            "logging",
-            "warmup",
+def engine_overrides(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(o, str) and "=" in o for o in value):
+        raise ConfigError(f'{key}: expected a list of "key=value" strings')
+    return tuple(value)
+
+
+AVATAR_KEYS = (
+    path("background_dir", "a folder of frames or a video file", required="a folder of frames or a video file"),
+    path("crop_rects_path", "JSON, one [x1, y1, x2, y2] per frame", required="JSON, one [x1, y1, x2, y2] per frame"),
+    integer("num_frames", 0, "use the first N frames; more than the avatar has: a warning, and all it has", 0),
+    flag("preload_backgrounds", False, "load the avatar and its frames at start"),
+    text("model_path", "", "shown in ListModels (the inference service resolves the model)"),
+    text("inference_model", None, "the inference service's model id", shown="the avatar's id"),
+    Key(
+        "geometry",
+        "geometry",
+        "328",
+        "the crop, input and paste geometry: a family's name or a mapping (see Types)",
+        parse=to_geometry,
+    ),
+)
+
+HOP = "inference_server"
+SCHEMA = Schema(
+    "compositing",
+    (
+        path("models_root", "the folder holding the avatars", required="the folder that holds the avatars"),
+        flag("warmup", True, "one single-frame batch per preloaded avatar at start"),
+        path(
             "frames_cache_dir",
-            "auth",
-            "metrics",
-            "plaintext",
-        ]
-    ):
-        log.warning("config: unknown key %s ignored", key)
-    root_value = root.str("models_root", None)
-    if not root_value:
-        raise ConfigError("models_root: required (the folder that holds the avatars)")
-    base = base_dir or Path.cwd()
-    models_root = Path(root_value).expanduser()
-    models_root = (models_root if models_root.is_absolute() else base / models_root).resolve()
-    if not models_root.is_dir():
-        raise ConfigError(f"models_root: {models_root} is not a directory")
+            "where videos are decoded to (relative: to the working directory)",
+            shown="`$TMPDIR/lipsync-frames`",
+        ),
+        *server_keys(50052),
+        integer("server.max_batch_size", 64, "frames per request", 1, 4096),
+        integer("server.composite_threads", 0, "threads compositing and encoding frames; 0: one per core", 0, 256),
+        *serving_keys(9092, 8, 32, "InferBatchComposite calls running at once"),
+        flag("logging.log_inference_times", False, "a line per batch with its stage timings"),
+        flag("logging.log_compositing_times", False, "a line per batch with its stage timings"),
+        Key(
+            f"{HOP}.url",
+            "targets",
+            "127.0.0.1:50051",
+            "host:port, a comma-separated list or YAML list of them, or dns:///name:port (round_robin)",
+            aliases=("urls",),
+            parse=parse_targets,
+        ),
+        number(f"{HOP}.timeout_seconds", 30.0, "deadline of each inference call", 0.001),
+        integer(f"{HOP}.max_retries", 3, "retries of UNAVAILABLE, on the next target", 0, 20),
+        number(f"{HOP}.retry_backoff_seconds", 0.1, "first backoff, doubling, at most 2 s", 0.0),
+        flag(f"{HOP}.plaintext", From("plaintext"), "call inference without TLS (remote mode needs TLS or this)"),
+        path(f"{HOP}.tls.ca_file", "CA of the inference servers' certificates", shown="the system's roots"),
+        path(f"{HOP}.tls.cert_file", "client certificate, for mutual TLS (with key_file)"),
+        path(f"{HOP}.tls.key_file", "its private key"),
+        text(f"{HOP}.tls.server_name", "", "the name to check the certificate against, if not the target's"),
+        flag(f"{HOP}.tls.enabled", True, "false: the tls keys are kept but not used"),
+        text(f"{HOP}.token_env", "", "a variable holding the token sent to an inference service with auth"),
+        path(f"{HOP}.token_file", "a file holding that token (relative to the config file)"),
+        choice("inference.mode", "remote", "remote in_process", "inference over gRPC, or its engine in this process"),
+        path("inference.config", "the inference config for in_process mode (relative to models_root)"),
+        Key(
+            "inference.overrides",
+            "list",
+            [],
+            "key=value overrides of that config (the environment is not applied to it)",
+            parse=engine_overrides,
+        ),
+        integer("capacity.max_models", 8, "avatars loaded at once (LFU eviction)", 1),
+        integer("capacity.background_cache_frames", 600, "cached background frames per avatar", 1),
+        number("capacity.background_cache_mb", 2048, "cached background bytes in all", 1),
+        choice("capacity.eviction_policy", "lfu", "lfu", "the only policy"),
+        ignored("capacity.idle_timeout_minutes", "eviction is LFU, by count and memory"),
+        Key(
+            "output.format",
+            "choice",
+            "jpeg",
+            "png: lossless; the Go value raw is refused",
+            choices=("jpeg", "png"),
+            parse=output_format,
+        ),
+        integer("output.jpeg_quality", 75, "JPEG quality", 1, 100),
+        flag(
+            "output.jpeg_splicing", True, "re-encode only the restart intervals under the mouth (docs/decisions/0007)"
+        ),
+        choice("output.jpeg_subsampling", "420", "420 422 444", "JPEG chroma subsampling"),
+        integer("output.jpeg_tile_width", 0, "pixels per restart interval; 0: fitted to each avatar", 0, 65536),
+        choice("output.frame_order", "ping_pong", " ".join(FRAME_ORDERS), "frames past the avatar's end"),
+        integer("session.max_batch_frames", 8, "largest internal batch of a streaming session", 1, 64),
+        integer("session.buffer_frames", 100, "frames a session holds for a slow reader", 1, 10_000),
+        number("session.max_audio_ahead_seconds", 10.0, "audio accepted ahead of the frames being made", 1.0),
+        integer("session.max_sessions", 32, "streaming sessions per replica (RESOURCE_EXHAUSTED beyond)", 1),
+        Table("models", AVATAR_KEYS, valid_model_id, "invalid model id (expected letters, digits, '.', '_' or '-')"),
+    ),
+)
 
-    server = root.section("server")
-    host, port = parse_listen_address(server.data.get("port", ":50052"), server.key("port"))
-    if server.has("host"):
-        host = server.str("host", host) or host
 
-    remote = root.section("inference_server")
-    targets = parse_targets(
-        remote.data.get("urls", remote.data.get("url", "127.0.0.1:50051")),
-        remote.key("urls" if remote.has("urls") else "url"),
+@dataclass(frozen=True)
+class AvatarConfig:
+    model_id: str
+    model_path: str  # as configured; the inference service resolves it
+    inference_model: str  # the inference service's model id (default: the avatar's id)
+    background: Path  # a folder of images or a video file
+    crop_rects_path: Path
+    num_frames: int  # 0 = as many as there are
+    preload_backgrounds: bool
+    geometry: Geometry  # how frames become the model's input and back
+
+
+@dataclass(frozen=True)
+class CompositingConfig:
+    """Built only by parse_config: every default is SCHEMA's."""
+
+    models_root: Path
+    host: str
+    port: int
+    max_message_size_mb: int
+    max_batch_size: int
+    inference_targets: tuple[str, ...]
+    inference_timeout_s: float
+    inference_max_retries: int
+    inference_retry_backoff_s: float
+    inference_mode: str
+    inference_config: Path | None
+    # --set style overrides for the in-process engine's config (the process environment is not applied to it)
+    inference_overrides: tuple[str, ...]
+    warmup: bool
+    max_models: int
+    background_cache_frames: int
+    background_cache_bytes: int
+    frames_cache_dir: Path
+    output_format: str
+    jpeg_quality: int
+    # Re-encode only the restart intervals under the mouth (jpeg_splice.py); the same bytes as a full encode
+    # with restart markers. Off: the plain full-frame encode.
+    jpeg_splicing: bool
+    jpeg_subsampling: str
+    jpeg_tile_width: int  # pixels per restart interval; 0: fitted to each avatar's rectangles
+    frame_order: str
+    composite_threads: int  # 0 = one per core
+    models: Mapping[str, AvatarConfig]
+    log_inference_times: bool
+    log_compositing_times: bool
+    log_level: str
+    grace_seconds: float
+    session_max_batch_frames: int
+    session_buffer_frames: int
+    session_max_audio_ahead_s: float
+    max_sessions: int
+    tune_malloc: bool
+    # Clients re-resolve DNS when a connection ends: bounding a connection's age lets
+    # new pods behind a headless Service get traffic. 0 = unbounded.
+    max_connection_age_s: float
+    serving: ServingConfig
+    # The hop to inference: TLS (None: plain text, which must be configured), and a token for its auth.
+    inference_tls: ClientTls | None
+    inference_token: str
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_size_mb * MIB
+
+    @property
+    def inference_url(self) -> str:
+        return ",".join(self.inference_targets)
+
+
+def load_config(
+    path: Path | str | None,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+    environ: Mapping[str, str] | None = None,
+) -> CompositingConfig:
+    return parse_config(*read_config(path, overrides, environ, SCHEMA))
+
+
+def inference_hop_tls(values: Values, base: Path, mode: str) -> ClientTls | None:
+    """TLS towards inference, or None for plain text, which must be asked for (remote mode only)."""
+    tls = parse_client_tls(values, HOP, base)
+    plaintext = values[f"{HOP}.plaintext"] and tls is None
+    if mode == "remote" and tls is None and not plaintext:
+        raise plaintext_error((HOP,))
+    if tls is not None and values.given(f"{HOP}.plaintext") and values[f"{HOP}.plaintext"]:
+        raise ConfigError(f"{HOP}.plaintext: true conflicts with {HOP}.tls; choose one")
+    return tls
+
+
+def inference_token(values: Values, base: Path) -> str:
+    """``inference_server.token_env`` (a variable's name) or ``token_file``: the token sent to an inference
+    service that has auth enabled (it must be an admin token for LoadModel and UnloadModel to pass through)."""
+    env_name = values[f"{HOP}.token_env"]
+    if env_name:
+        value = os.environ.get(env_name, "").strip()
+        if not value:
+            raise ConfigError(f"{HOP}.token_env: the environment variable {env_name} is empty or unset")
+        return value
+    name = values[f"{HOP}.token_file"]
+    if not name:
+        return ""
+    file = Path(name).expanduser()
+    file = file if file.is_absolute() else base / file
+    try:
+        value = file.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{HOP}.token_file: cannot read {file} ({exc.strerror})") from None
+    if not value:
+        raise ConfigError(f"{HOP}.token_file: {file} is empty")
+    return value
+
+
+def engine_config(values: Values, models_root: Path) -> tuple[str, Path | None]:
+    """``inference.mode`` and, for in_process, the inference service's config file it runs."""
+    mode = values["inference.mode"]
+    config = None
+    if values.given("inference.config"):
+        config = Path(values["inference.config"]).expanduser()
+        if not config.is_absolute():
+            config = (models_root / config).resolve()
+    if mode == "in_process" and (config is None or not config.is_file()):
+        raise ConfigError(f"inference.config: in_process mode needs the inference service's config file, got {config}")
+    return mode, config
+
+
+def avatar_config(model_id: str, avatar: Values, models_root: Path) -> AvatarConfig:
+    return AvatarConfig(
+        model_id=model_id,
+        model_path=avatar["model_path"] or "",
+        inference_model=avatar["inference_model"] or model_id,
+        background=resolve_under(models_root, avatar["background_dir"], avatar.key("background_dir")),
+        crop_rects_path=resolve_under(models_root, avatar["crop_rects_path"], avatar.key("crop_rects_path")),
+        num_frames=avatar["num_frames"],
+        preload_backgrounds=avatar["preload_backgrounds"],
+        geometry=avatar["geometry"],
     )
-    inference = root.section("inference")
-    mode = inference.str("mode", "remote", choices=["remote", "in_process"]) or "remote"
-    inference_config = None
-    if inference.has("config"):
-        inference_config = Path(inference.str("config", "") or "").expanduser()
-        if not inference_config.is_absolute():
-            inference_config = (models_root / inference_config).resolve()
-    if mode == "in_process" and (inference_config is None or not inference_config.is_file()):
-        raise ConfigError(
-            f"inference.config: in_process mode needs the inference service's config file, got {inference_config}"
-        )
 
-    overrides = inference.data.get("overrides", [])
-    if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
-        raise ConfigError(f'{inference.key("overrides")}: expected a list of "key=value" strings')
 
-    capacity = root.section("capacity")
-    capacity.str("eviction_policy", "lfu", choices=["lfu"])
-    output = root.section("output")
-
-    models: dict[str, AvatarConfig] = {}
-    section = root.section("models")
-    for model_id, spec in section.data.items():
-        model_id = str(model_id)
-        key = section.key(model_id)
-        if not valid_model_id(model_id):
-            raise ConfigError(f"{key}: invalid model id (expected letters, digits, '.', '_' or '-')")
-        avatar = Section(spec, key)
-        background = avatar.str("background_dir", None)
-        rects = avatar.str("crop_rects_path", None)
-        if not background:
-            raise ConfigError(f"{key}.background_dir: required (a folder of frames or a video file)")
-        if not rects:
-            raise ConfigError(f"{key}.crop_rects_path: required (JSON, one [x1, y1, x2, y2] per frame)")
-        models[model_id] = AvatarConfig(
-            model_id=model_id,
-            model_path=avatar.str("model_path", "") or "",
-            inference_model=avatar.str("inference_model", model_id) or model_id,
-            background=resolve_under(models_root, background, avatar.key("background_dir")),
-            crop_rects_path=resolve_under(models_root, rects, avatar.key("crop_rects_path")),
-            num_frames=avatar.int("num_frames", 0, minimum=0),
-            preload_backgrounds=avatar.bool("preload_backgrounds", False),
-            geometry=parse_geometry(avatar) if avatar.has("geometry") else DEFAULT_GEOMETRY,
-        )
-
-    session = root.section("session")
-    logging_section = root.section("logging")
-    cache_dir = root.str("frames_cache_dir", None)
+def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> CompositingConfig:
+    values = SCHEMA.check(raw)
+    base = base_dir or Path.cwd()
+    models_root = models_root_dir(values["models_root"], base)
+    host, port = values["server.port"]
+    host = values["server.host"] or host
+    mode, inference_config = engine_config(values, models_root)
+    cache_dir = values["frames_cache_dir"]
     return CompositingConfig(
         models_root=models_root,
         host=host,
         port=port,
-        max_message_size_mb=server.int("max_message_size_mb", 64, minimum=1, maximum=2047),
-        max_batch_size=server.int("max_batch_size", 64, minimum=1, maximum=4096),
-        grace_seconds=server.float("grace_seconds", 10.0, minimum=0.0),
-        tune_malloc=server.bool("tune_malloc", True),
-        session_max_batch_frames=session.int("max_batch_frames", 8, minimum=1, maximum=64),
-        session_buffer_frames=session.int("buffer_frames", 100, minimum=1, maximum=10_000),
-        session_max_audio_ahead_s=session.float("max_audio_ahead_seconds", 10.0, minimum=1.0),
-        max_sessions=session.int("max_sessions", 32, minimum=1),
-        max_connection_age_s=server.float("max_connection_age_seconds", 0.0, minimum=0.0),
-        composite_threads=server.int("composite_threads", 0, minimum=0, maximum=256),
-        inference_targets=targets,
-        inference_timeout_s=remote.float("timeout_seconds", 30.0, minimum=0.001),
-        inference_max_retries=remote.int("max_retries", 3, minimum=0, maximum=20),
-        inference_retry_backoff_s=remote.float("retry_backoff_seconds", 0.1, minimum=0.0),
+        max_message_size_mb=values["server.max_message_size_mb"],
+        max_batch_size=values["server.max_batch_size"],
+        grace_seconds=values["server.grace_seconds"],
+        tune_malloc=values["server.tune_malloc"],
+        max_connection_age_s=values["server.max_connection_age_seconds"],
+        composite_threads=values["server.composite_threads"],
+        session_max_batch_frames=values["session.max_batch_frames"],
+        session_buffer_frames=values["session.buffer_frames"],
+        session_max_audio_ahead_s=values["session.max_audio_ahead_seconds"],
+        max_sessions=values["session.max_sessions"],
+        inference_targets=values[f"{HOP}.url"],
+        inference_timeout_s=values[f"{HOP}.timeout_seconds"],
+        inference_max_retries=values[f"{HOP}.max_retries"],
+        inference_retry_backoff_s=values[f"{HOP}.retry_backoff_seconds"],
         inference_mode=mode,
         inference_config=inference_config,
-        inference_overrides=tuple(overrides),
-        warmup=root.bool("warmup", True),
-        max_models=capacity.int("max_models", 8, minimum=1),
-        background_cache_frames=capacity.int("background_cache_frames", 600, minimum=1),
-        background_cache_bytes=int(capacity.float("background_cache_mb", 2048, minimum=1) * MIB),
+        inference_overrides=values["inference.overrides"],
+        warmup=values["warmup"],
+        max_models=values["capacity.max_models"],
+        background_cache_frames=values["capacity.background_cache_frames"],
+        background_cache_bytes=int(values["capacity.background_cache_mb"] * MIB),
         frames_cache_dir=Path(cache_dir).expanduser() if cache_dir else Path(tempfile.gettempdir()) / "lipsync-frames",
-        output_format=output_format(output),
-        jpeg_quality=output.int("jpeg_quality", 75, minimum=1, maximum=100),
-        jpeg_splicing=output.bool("jpeg_splicing", True),
-        jpeg_subsampling=output.str("jpeg_subsampling", "420", choices=["420", "422", "444"]) or "420",
-        jpeg_tile_width=output.int("jpeg_tile_width", 0, minimum=0, maximum=65536),
-        frame_order=output.str("frame_order", "ping_pong", choices=FRAME_ORDERS) or "ping_pong",
-        models=models,
-        log_inference_times=logging_section.bool("log_inference_times", False),
-        log_compositing_times=logging_section.bool("log_compositing_times", False),
-        log_level=parse_log_level(logging_section),
+        output_format=values["output.format"],
+        jpeg_quality=values["output.jpeg_quality"],
+        jpeg_splicing=values["output.jpeg_splicing"],
+        jpeg_subsampling=values["output.jpeg_subsampling"],
+        jpeg_tile_width=values["output.jpeg_tile_width"],
+        frame_order=values["output.frame_order"],
+        models={mid: avatar_config(mid, avatar, models_root) for mid, avatar in values.entries("models").items()},
+        log_inference_times=values["logging.log_inference_times"],
+        log_compositing_times=values["logging.log_compositing_times"],
+        log_level=values["logging.level"],
         # How to serve and how to reach inference last, so a config's other mistakes are named first.
         serving=parse_serving(
-            root,
-            base,
-            host,
-            default_metrics_port=9092,
-            plaintext_also=("inference_server",) if mode == "remote" and needs_plaintext(remote, root) else (),
+            values, base, host, plaintext_also=(HOP,) if mode == "remote" and needs_plaintext(values, HOP) else ()
         ),
-        inference_tls=inference_hop_tls(remote, base, mode, plaintext_default(root)),
-        inference_token=inference_token(remote, base),
+        inference_tls=inference_hop_tls(values, base, mode),
+        inference_token=inference_token(values, base),
     )

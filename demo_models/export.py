@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import onnx
+import yaml
 
 from demo_models import audio_encoder, avatar, talking, unet328
 from lipsync_protocol.geometry import GEOMETRIES
@@ -34,87 +36,79 @@ def _io_spec(shapes: dict[str, list[int]]) -> dict[str, dict[str, object]]:
     return {name: {"shape": ["batch", *shape], "dtype": "float32"} for name, shape in shapes.items()}
 
 
-def render_config(models_root: Path, include_unet328: bool = True) -> str:
+# Prepended to both files: a dump cannot carry comments, and the plain-text line must read as a decision.
+HEADER = (
+    "# Written by lipsync-models for a local demo. server.plaintext: true asks for plain text (no TLS): nothing\n"
+    "# here is meant to leave this machine. For TLS and tokens see docs/operations.md; every key is described in\n"
+    "# docs/configuration.md. demo160 is the demo for the 160 family's geometry (a 168 crop, inner 160, bilinear).\n"
+)
+
+
+def dump(config: dict[str, Any]) -> str:
+    return HEADER + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+
+
+def _models(include_unet328: bool) -> list[str]:
+    return ["demo", "demo160", *(["unet328"] if include_unet328 else [])]
+
+
+def inference_config(models_root: Path, include_unet328: bool = True) -> dict[str, Any]:
     """The inference service config; models_root is absolute so the file works from any cwd."""
-    root = json.dumps(str(models_root.resolve()))  # a JSON string is a valid YAML double-quoted scalar
-    lines = [
-        f"models_root: {root}",
-        "server:",
-        '  port: ":50051"',
-        "  plaintext: true  # a local demo; for TLS and tokens see docs/operations.md",
-        "  max_message_size_mb: 64",
-        "  worker_count_per_gpu: 2",
-        "gpus:",
-        "  enabled: false",
-        "  count: 0",
-        "capacity:",
-        "  max_models: 4",
-        "  max_memory_gb: 8",
-        "  eviction_policy: lfu",
-        "onnx:",
-        "  intra_op_threads: 0",
-        "  inter_op_threads: 1",
-        "models:",
-        "  demo:",
-        "    model_path: demo/model.onnx",
-        "    audio_encoder_path: demo/audio_encoder.onnx",
-        "    preload: true",
-        "  demo160:  # the same demo for the 160 family's geometry (a 168 crop, inner 160, bilinear)",
-        "    model_path: demo160/model.onnx",
-        "    audio_encoder_path: demo/audio_encoder.onnx",
-        '    geometry: "160"',
-        "    preload: false",
-    ]
-    if include_unet328:
-        lines += [
-            "  unet328:",
-            "    model_path: unet328/model.onnx",
-            "    audio_encoder_path: unet328/audio_encoder.onnx",
-            "    preload: false",
-        ]
-    return "\n".join(lines) + "\n"
+    encoders = {"demo": "demo/audio_encoder.onnx", "demo160": "demo/audio_encoder.onnx"}
+    models: dict[str, dict[str, Any]] = {}
+    for name in _models(include_unet328):
+        entry: dict[str, Any] = {
+            "model_path": f"{name}/model.onnx",
+            "audio_encoder_path": encoders.get(name, f"{name}/audio_encoder.onnx"),
+        }
+        if name == "demo160":
+            entry["geometry"] = "160"  # the family's name: a string, as the schema reads it
+        entry["preload"] = name == "demo"
+        models[name] = entry
+    return {
+        "models_root": str(models_root.resolve()),
+        "server": {"port": ":50051", "plaintext": True, "max_message_size_mb": 64, "worker_count_per_gpu": 2},
+        "gpus": {"enabled": False, "count": 0},
+        "capacity": {"max_models": 4, "max_memory_gb": 8, "eviction_policy": "lfu"},
+        "onnx": {"intra_op_threads": 0, "inter_op_threads": 1},
+        "models": models,
+    }
+
+
+def compositing_config(models_root: Path, include_unet328: bool = True) -> dict[str, Any]:
+    """The compositing service config: every model shares the generated demo avatar (DIR/avatar)."""
+    models: dict[str, dict[str, Any]] = {}
+    for name in _models(include_unet328):
+        models[name] = {
+            "model_path": f"{name}/model.onnx",
+            "background_dir": AVATAR_VIDEO,
+            "crop_rects_path": AVATAR_RECTS,
+            "num_frames": avatar.NUM_FRAMES,
+            "preload_backgrounds": name == "demo",
+            **({"geometry": "160"} if name == "demo160" else {}),
+        }
+    return {
+        "models_root": str(models_root.resolve()),
+        "server": {"port": ":50052", "plaintext": True, "max_message_size_mb": 64},
+        "inference_server": {"url": "127.0.0.1:50051", "plaintext": True, "timeout_seconds": 30, "max_retries": 3},
+        "inference": {"mode": "remote", "config": CONFIG_NAME},
+        "capacity": {
+            "max_models": 4,
+            "background_cache_frames": 250,
+            "background_cache_mb": 2048,
+            "eviction_policy": "lfu",
+        },
+        "output": {"format": "jpeg", "jpeg_quality": 75, "frame_order": "ping_pong"},
+        "models": models,
+    }
+
+
+def render_config(models_root: Path, include_unet328: bool = True) -> str:
+    return dump(inference_config(models_root, include_unet328))
 
 
 def render_compositing_config(models_root: Path, include_unet328: bool = True) -> str:
-    """The compositing service config: both models share the generated demo avatar (DIR/avatar)."""
-    root = json.dumps(str(models_root.resolve()))
-    lines = [
-        f"models_root: {root}",
-        "server:",
-        '  port: ":50052"',
-        "  plaintext: true  # a local demo; for TLS and tokens see docs/operations.md",
-        "  max_message_size_mb: 64",
-        "inference_server:",
-        '  url: "127.0.0.1:50051"',
-        "  plaintext: true",
-        "  timeout_seconds: 30",
-        "  max_retries: 3",
-        "inference:",
-        "  mode: remote",
-        f"  config: {CONFIG_NAME}",
-        "capacity:",
-        "  max_models: 4",
-        "  background_cache_frames: 250",
-        "  background_cache_mb: 2048",
-        "  eviction_policy: lfu",
-        "output:",
-        "  format: jpeg",
-        "  jpeg_quality: 75",
-        "  frame_order: ping_pong",
-        "models:",
-    ]
-    entries = [("demo", "true", ""), ("demo160", "false", '"160"')]
-    entries += [("unet328", "false", "")] if include_unet328 else []
-    for name, preload, geometry in entries:
-        lines += [
-            f"  {name}:",
-            f"    model_path: {name}/model.onnx",
-            f"    background_dir: {AVATAR_VIDEO}",
-            f"    crop_rects_path: {AVATAR_RECTS}",
-            f"    num_frames: {avatar.NUM_FRAMES}",
-            f"    preload_backgrounds: {preload}",
-        ] + ([f"    geometry: {geometry}"] if geometry else [])
-    return "\n".join(lines) + "\n"
+    return dump(compositing_config(models_root, include_unet328))
 
 
 def write_all(out_dir: Path, seed: int = 0, include_unet328: bool = True, include_avatar: bool = True) -> dict:

@@ -1,46 +1,188 @@
-"""Inference service configuration: the old system's YAML keys plus our additions.
+"""Inference service configuration: its schema (the old system's YAML keys plus ours) and the dataclasses.
 
-Every key is validated at start; an invalid value raises ConfigError naming
+Every key is declared once in SCHEMA, with its type, default, bounds and doc line; validation, the dataclass
+defaults and docs/configuration.md come from it. An invalid value or an unknown key raises ConfigError naming
 its dotted key, so a bad deployment fails before it takes traffic.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lipsync_protocol.geometry import Geometry
+from service_common.config_schema import (
+    From,
+    Key,
+    Schema,
+    Table,
+    Values,
+    choice,
+    flag,
+    ignored,
+    integer,
+    number,
+    path,
+)
 from service_common.config_source import (
     ConfigError,
-    Section,
-    parse_geometry,
-    parse_listen_address,
-    parse_log_level,
+    models_root_dir,
     read_config,
     resolve_under,
+    to_geometry,
     valid_model_id,
 )
-from service_common.serving_config import ServingConfig, parse_serving
-
-log = logging.getLogger(__name__)
+from service_common.serving_config import ServingConfig, parse_serving, server_keys, serving_keys
 
 GIB = 1024**3
+MIB = 1024**2
+
+
+def graph_sizes(value: Any, key: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, int) and v > 0 for v in value):
+        raise ConfigError(f"{key}: expected a list of positive batch sizes")
+    return tuple(sorted(set(value)))
+
+
+def batching_keys(per_model: bool) -> tuple[Key, ...]:
+    """``batching.*``, or a model's own ``models.<id>.batching.*``, whose defaults are the former's values."""
+
+    def default_of(name: str, literal: Any) -> Any:
+        return From(f"batching.{name}") if per_model else literal
+
+    return (
+        flag("batching.enabled", default_of("enabled", False), "dynamic batching of concurrent requests (docs/gpu.md)"),
+        integer(
+            "batching.max_batch_frames",
+            default_of("max_batch_frames", 16),
+            "a batch closes at this many frames",
+            1,
+            4096,
+        ),
+        number(
+            "batching.max_queue_delay_ms",
+            default_of("max_queue_delay_ms", 0.0),
+            "... or when its oldest request has waited this long; 0: a free worker takes what is queued at once",
+            0.0,
+        ),
+        integer(
+            "batching.max_queue_frames", default_of("max_queue_frames", 256), "frames waiting per model and device", 1
+        ),
+    )
+
+
+MODEL_KEYS = (
+    path("model_path", "the UNet ONNX file (relative to models_root)", required=True),
+    path("audio_encoder_path", "the model's audio encoder (raw_audio needs one)", shown="`audio_encoder_path`"),
+    flag("preload", False, "load at start"),
+    integer("preferred_gpu", None, "GPU index for this model; -1: any", -1, shown="any"),
+    *batching_keys(per_model=True),
+    Key(
+        "geometry",
+        "geometry",
+        None,
+        "the crop, input and paste geometry: a family's name or a mapping (see Types)",
+        parse=to_geometry,
+        shown="from the model's input size",
+    ),
+    flag("allow_spinning", From("onnx.allow_spinning"), "ORT's threads spinning during this model's runs"),
+)
+
+SCHEMA = Schema(
+    "inference",
+    (
+        path(
+            "models_root",
+            "the folder holding the models; nothing outside it is read on a client's request",
+            required="the folder that holds the models",
+        ),
+        path(
+            "audio_encoder_path",
+            "the encoder of every model that names none",
+            shown="the Go places (docs/migrating.md)",
+        ),
+        flag("warmup", True, "one run at load"),
+        *server_keys(50051),
+        integer("server.worker_count_per_gpu", 2, "concurrent runs per GPU", 1, 64),
+        integer("server.cpu_workers", 1, "concurrent runs on the CPU (each uses onnx.intra_op_threads)", 1, 64),
+        integer("server.max_queue_per_device", 64, "calls waiting per device before RESOURCE_EXHAUSTED", 1),
+        integer("server.max_batch_size", 64, "frames per InferBatch", 1, 4096),
+        ignored("server.queue_size", "replaced by server.max_queue_per_device"),
+        *serving_keys(9091, 64, 64, "InferBatch calls running at once (device queues bound the rest)"),
+        ignored("logging.log_inference_times", "logging.requests logs every request with its stage timings"),
+        flag("gpus.enabled", True, "use CUDA when onnxruntime-gpu and a device are present"),
+        flag("gpus.required", False, "fail at start instead of falling back to the CPU"),
+        integer("gpus.count", 0, "use the first N GPUs; 0: all", 0),
+        number("gpus.memory_gb_per_gpu", 0.0, "memory per GPU, for reporting; 0: as reported", 0.0),
+        choice(
+            "gpus.assignment_strategy",
+            "round-robin",
+            "round-robin least-loaded dedicated",
+            "model placement (docs/gpu.md)",
+        ),
+        ignored("gpus.allow_multi_gpu_models", "a model runs on the one device it is placed on"),
+        integer("capacity.max_models", 8, "models loaded at once", 1),
+        number("capacity.max_memory_gb", 0.0, "bytes of model files loaded at once; 0: unbounded", 0.0),
+        number("capacity.input_cache_mb", 1024, "model inputs held for inputs by reference; 0 keeps none", 0.0),
+        choice("capacity.eviction_policy", "lfu", "lfu", "the only policy"),
+        ignored("capacity.idle_timeout_minutes", "eviction is LFU, by count and memory"),
+        integer("onnx.intra_op_threads", 0, "threads per run; 0: ORT's default (all cores)", 0),
+        integer("onnx.inter_op_threads", 1, "threads across a graph's independent nodes", 0),
+        choice("onnx.graph_optimization", "all", "disable basic extended all", "ORT's graph optimization level"),
+        flag(
+            "onnx.allow_spinning",
+            False,
+            "ORT's intra-op threads spin between a run's parallel sections (docs/decisions/0010)",
+        ),
+        flag("onnx.spin_between_runs", False, "... and go on spinning after a run ends, waiting for the next"),
+        choice("onnx.cudnn_conv_algo_search", "HEURISTIC", "EXHAUSTIVE HEURISTIC DEFAULT", "CUDA provider"),
+        flag("onnx.cudnn_conv_use_max_workspace", True, "CUDA provider"),
+        number("onnx.cuda_mem_limit_gb", 0.0, "CUDA provider arena limit; 0: none", 0.0),
+        choice(
+            "onnx.arena_extend_strategy", "kNextPowerOfTwo", "kNextPowerOfTwo kSameAsRequested", "CUDA arena growth"
+        ),
+        choice(
+            "onnx.io_binding", "auto", "auto on off", "inputs and outputs bound to reused device buffers (auto: GPUs)"
+        ),
+        choice(
+            "onnx.device_inputs",
+            "auto",
+            "auto on off",
+            "held inputs uploaded once, the float input built on the device",
+        ),
+        flag("onnx.cuda_graph", False, "CUDA graphs, one per batch size (needs io_binding)"),
+        Key(
+            "onnx.cuda_graph_batch_sizes",
+            "list",
+            [1, 2, 4, 8, 16],
+            "batch sizes captured; others are padded up",
+            parse=graph_sizes,
+        ),
+        flag("onnx.tensorrt", False, "the TensorRT provider in front of CUDA"),
+        flag("onnx.tensorrt_fp16", False, "TensorRT in float16"),
+        path("onnx.tensorrt_cache_dir", "where TensorRT engines are cached (relative to models_root)", ".trt-cache"),
+        number("onnx.tensorrt_max_workspace_gb", 2.0, "TensorRT workspace", 0.1),
+        ignored("onnx.library_path", "the onnxruntime Python package brings its own"),
+        ignored("onnx.cuda_streams_per_worker", "each worker's session has its own CUDA stream"),
+        *batching_keys(per_model=False),
+        Table("models", MODEL_KEYS, valid_model_id, "invalid model id (expected letters, digits, '.', '_' or '-')"),
+    ),
+)
+default = SCHEMA.default  # the dataclasses' defaults are the schema's
 
 
 @dataclass(frozen=True)
 class BatchingConfig:
     """Dynamic batching of concurrent requests for one model on one device (inference_service/batching.py)."""
 
-    enabled: bool = False
-    max_batch_frames: int = 16  # a batch closes at this many frames ...
-    # ... or when its oldest request has waited this long for others to join. 0: a free worker takes what is
-    # queued at once (batches still grow under load, while workers are busy) and a lone request never waits.
-    max_queue_delay_ms: float = 0.0
-    max_queue_frames: int = 256  # frames waiting per model and device; beyond: RESOURCE_EXHAUSTED
+    enabled: bool = default("batching.enabled")
+    max_batch_frames: int = default("batching.max_batch_frames")
+    # 0: a free worker takes what is queued at once (batches still grow under load) and a lone request never waits.
+    max_queue_delay_ms: float = default("batching.max_queue_delay_ms")
+    max_queue_frames: int = default("batching.max_queue_frames")  # beyond: RESOURCE_EXHAUSTED
 
 
 @dataclass(frozen=True)
@@ -48,10 +190,10 @@ class ModelConfig:
     model_id: str
     model_path: Path
     audio_encoder_path: Path | None = None
-    preload: bool = False
-    preferred_gpu: int | None = None
+    preload: bool = default("models.<id>.preload")
+    preferred_gpu: int | None = default("models.<id>.preferred_gpu")
     batching: BatchingConfig = field(default_factory=BatchingConfig)
-    geometry: Geometry | None = None  # None: found from the model's input size
+    geometry: Geometry | None = None  # unset (as in the schema): found from the model's input size
     # ORT's threads spinning during this model's runs (None: onnx.allow_spinning).
     allow_spinning: bool | None = None
 
@@ -64,71 +206,65 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OnnxConfig:
-    intra_op_threads: int = 0
-    inter_op_threads: int = 1
-    graph_optimization: str = "all"
-    # ORT's intra-op threads may spin between a run's parallel sections instead of sleeping. Measured on 2 shared
-    # cores (docs/decisions/0010), spinning cost more CPU per frame at equal load than it saved in latency for
-    # the demo graph (15-20%) and for unet328 (2-3% in 2 runs of 3), in both modes: off by default. It can be
-    # turned on for the service or per model (models.<id>.allow_spinning) where cores are not shared.
-    allow_spinning: bool = False
-    # ... and by ORT's default they go on spinning after a run ends, waiting for the next one: a core burnt
-    # between requests. False stops them when the last concurrent run returns (docs/decisions/0010).
-    spin_between_runs: bool = False
+    intra_op_threads: int = default("onnx.intra_op_threads")
+    inter_op_threads: int = default("onnx.inter_op_threads")
+    graph_optimization: str = default("onnx.graph_optimization")
+    # Spinning cost more CPU per frame than it saved in latency on 2 shared cores (docs/decisions/0010).
+    allow_spinning: bool = default("onnx.allow_spinning")
+    # False stops the threads when the last concurrent run returns instead of burning a core between requests.
+    spin_between_runs: bool = default("onnx.spin_between_runs")
     # CUDA execution provider options (see docs/gpu.md).
-    cudnn_conv_algo_search: str = "HEURISTIC"
-    cudnn_conv_use_max_workspace: bool = True
-    cuda_mem_limit_gb: float = 0.0
-    arena_extend_strategy: str = "kNextPowerOfTwo"
-    # Bind inputs and outputs to reusable buffers on the model's device ("auto": on GPUs only).
-    io_binding: str = "auto"
-    # Held model inputs uploaded to the device once and the float input built there ("auto": on GPUs; "on" on
-    # the CPU too, which only tests want: numpy builds it faster there).
-    device_inputs: str = "auto"
-    # CUDA graphs: one captured graph per batch size listed; other sizes are padded up to the next one.
-    cuda_graph: bool = False
-    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
-    # TensorRT execution provider in front of CUDA, with its engines cached on disk.
-    tensorrt: bool = False
-    tensorrt_fp16: bool = False
+    cudnn_conv_algo_search: str = default("onnx.cudnn_conv_algo_search")
+    cudnn_conv_use_max_workspace: bool = default("onnx.cudnn_conv_use_max_workspace")
+    cuda_mem_limit_gb: float = default("onnx.cuda_mem_limit_gb")
+    arena_extend_strategy: str = default("onnx.arena_extend_strategy")
+    io_binding: str = default("onnx.io_binding")
+    # "on" on the CPU too only tests want: numpy builds the input faster there.
+    device_inputs: str = default("onnx.device_inputs")
+    cuda_graph: bool = default("onnx.cuda_graph")
+    cuda_graph_batch_sizes: tuple[int, ...] = default("onnx.cuda_graph_batch_sizes")
+    tensorrt: bool = default("onnx.tensorrt")
+    tensorrt_fp16: bool = default("onnx.tensorrt_fp16")
+    # A config resolves onnx.tensorrt_cache_dir under models_root; built without one, there is no folder to use.
     tensorrt_cache_dir: Path | None = None
-    tensorrt_max_workspace_gb: float = 2.0
+    tensorrt_max_workspace_gb: float = default("onnx.tensorrt_max_workspace_gb")
 
 
 @dataclass(frozen=True)
 class InferenceConfig:
+    """Built only by parse_config: every default is SCHEMA's."""
+
     models_root: Path
-    host: str = "0.0.0.0"
-    port: int = 50051
-    max_message_size_mb: int = 64
-    worker_count_per_gpu: int = 2
-    cpu_workers: int = 1
-    max_queue_per_device: int = 64
-    max_batch_size: int = 64
-    gpus_enabled: bool = True
-    gpus_required: bool = False
-    gpu_count: int = 0
-    memory_gb_per_gpu: float = 0.0
-    assignment_strategy: str = "round-robin"
-    max_models: int = 8
-    max_memory_bytes: int = 0
-    eviction_policy: str = "lfu"
-    # Model inputs held for inputs by reference (inference_service/inputs.py); 0 keeps none.
-    input_cache_bytes: int = 1024 * 1024 * 1024
-    onnx: OnnxConfig = field(default_factory=OnnxConfig)
-    models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    host: str
+    port: int
+    max_message_size_mb: int
+    worker_count_per_gpu: int
+    cpu_workers: int
+    max_queue_per_device: int
+    max_batch_size: int
+    gpus_enabled: bool
+    gpus_required: bool
+    gpu_count: int
+    memory_gb_per_gpu: float
+    assignment_strategy: str
+    max_models: int
+    max_memory_bytes: int
+    eviction_policy: str
+    input_cache_bytes: int  # model inputs held for inputs by reference (inference_service/inputs.py); 0: none
+    onnx: OnnxConfig
+    models: Mapping[str, ModelConfig]
     # The audio encoder of every model that names none (top-level audio_encoder_path, or found where the Go
     # system looked), and how it was found, for the start-up log.
-    audio_encoder_path: Path | None = None
-    audio_encoder_origin: str = ""
-    warmup: bool = True
-    log_level: str = "INFO"
-    grace_seconds: float = 10.0
-    tune_malloc: bool = True
+    audio_encoder_path: Path | None
+    audio_encoder_origin: str
+    warmup: bool
+    log_level: str
+    grace_seconds: float
+    tune_malloc: bool
     # Clients re-resolve DNS when a connection ends: bounding a connection's age lets
     # new pods behind a headless Service get traffic. 0 = unbounded.
-    max_connection_age_s: float = 0.0
-    serving: ServingConfig = field(default_factory=ServingConfig)
+    max_connection_age_s: float
+    serving: ServingConfig
 
     @property
     def max_message_bytes(self) -> int:
@@ -144,28 +280,7 @@ def load_config(
 ) -> InferenceConfig:
     """``serving=False`` for the engine run inside the compositing process: it listens on no port, so the
     keys of how to serve (TLS or plain text) are not required."""
-    return parse_config(*read_config(path, overrides, environ), serving=serving)
-
-
-def graph_sizes(onnx: Section) -> tuple[int, ...]:
-    value = onnx.data.get("cuda_graph_batch_sizes", [1, 2, 4, 8, 16])
-    if not isinstance(value, list) or not value or not all(isinstance(v, int) and v > 0 for v in value):
-        raise ConfigError(f"{onnx.key('cuda_graph_batch_sizes')}: expected a list of positive batch sizes")
-    return tuple(sorted(set(value)))
-
-
-def parse_batching(section: Section, defaults: BatchingConfig) -> BatchingConfig:
-    """``batching`` (the defaults) or ``models.<id>.batching`` (a model's own, over the defaults)."""
-    for key in section.unknown_keys(["enabled", "max_batch_frames", "max_queue_delay_ms", "max_queue_frames"]):
-        raise ConfigError(
-            f"{key}: unknown key (expected enabled, max_batch_frames, max_queue_delay_ms, max_queue_frames)"
-        )
-    return BatchingConfig(
-        enabled=section.bool("enabled", defaults.enabled),
-        max_batch_frames=section.int("max_batch_frames", defaults.max_batch_frames, minimum=1, maximum=4096),
-        max_queue_delay_ms=section.float("max_queue_delay_ms", defaults.max_queue_delay_ms, minimum=0.0),
-        max_queue_frames=section.int("max_queue_frames", defaults.max_queue_frames, minimum=1),
-    )
+    return parse_config(*read_config(path, overrides, environ, SCHEMA), serving=serving)
 
 
 # Where the Go inference server looked for its one audio_encoder.onnx, here taken relative to models_root.
@@ -177,9 +292,9 @@ GO_ENCODER_PLACES = (
 )
 
 
-def shared_encoder(root: Section, models_root: Path) -> tuple[Path | None, str]:
+def shared_encoder(values: Values, models_root: Path) -> tuple[Path | None, str]:
     """The audio encoder for models that name none: ``audio_encoder_path``, else the first of the Go places."""
-    value = root.str("audio_encoder_path", None)
+    value = values["audio_encoder_path"]
     if value:
         path = resolve_under(models_root, value, "audio_encoder_path")
         if not path.is_file():
@@ -192,165 +307,95 @@ def shared_encoder(root: Section, models_root: Path) -> tuple[Path | None, str]:
     return None, ""
 
 
+def batching_config(values: Values) -> BatchingConfig:
+    """``batching.*``, or a model's own ``models.<id>.batching.*`` (whose defaults are the former)."""
+    return BatchingConfig(
+        enabled=values["batching.enabled"],
+        max_batch_frames=values["batching.max_batch_frames"],
+        max_queue_delay_ms=values["batching.max_queue_delay_ms"],
+        max_queue_frames=values["batching.max_queue_frames"],
+    )
+
+
+def onnx_config(values: Values, models_root: Path) -> OnnxConfig:
+    """OnnxConfig's fields are the ``onnx.*`` keys, one for one."""
+    onnx = {f.name: values[f"onnx.{f.name}"] for f in dataclasses.fields(OnnxConfig)}
+    cache = onnx["tensorrt_cache_dir"] or default("onnx.tensorrt_cache_dir")
+    onnx["tensorrt_cache_dir"] = resolve_under(models_root, cache, "onnx.tensorrt_cache_dir")
+    config = OnnxConfig(**onnx)
+    if config.cuda_graph and config.io_binding == "off":
+        raise ConfigError("onnx.cuda_graph: CUDA graphs need bound buffers; onnx.io_binding must not be off")
+    return config
+
+
+def model_config(model_id: str, model: Values, models_root: Path, shared: Path | None) -> ModelConfig:
+    encoder = model["audio_encoder_path"] if model.given("audio_encoder_path") else None
+    preferred = model["preferred_gpu"]
+    return ModelConfig(
+        model_id=model_id,
+        model_path=resolve_under(models_root, model["model_path"], model.key("model_path")),
+        audio_encoder_path=resolve_under(models_root, encoder, model.key("audio_encoder_path")) if encoder else shared,
+        preload=model["preload"],
+        preferred_gpu=None if preferred is None or preferred < 0 else preferred,
+        batching=batching_config(model),
+        geometry=model["geometry"],
+        allow_spinning=model["allow_spinning"] if model.given("allow_spinning") else None,
+    )
+
+
+def check_dedicated(strategy: str, models: Mapping[str, ModelConfig]) -> None:
+    """``dedicated`` gives each GPU to one model: two models may not name the same one."""
+    if strategy != "dedicated":
+        return
+    owners: dict[int, str] = {}
+    for model_id, model in models.items():
+        gpu = model.preferred_gpu
+        if gpu is None:
+            continue
+        if gpu in owners:
+            raise ConfigError(
+                f"models.{owners[gpu]}.preferred_gpu and models.{model_id}.preferred_gpu: both name GPU {gpu}, "
+                "but gpus.assignment_strategy: dedicated gives each GPU to one model"
+            )
+        owners[gpu] = model_id
+
+
 def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: bool = True) -> InferenceConfig:
-    root = Section(raw)
-    known = [
-        "models_root",
-        "server",
-        "gpus",
-        "capacity",
-        "onnx",
-        "models",
-        "logging",
-        "warmup",
-        "auth",
-        "metrics",
-        "batching",
-        "plaintext",
-        "audio_encoder_path",
-    ]
-    for key in root.unknown_keys(known):
-        log.warning("config: unknown key %s ignored", key)
-
-    root_value = root.str("models_root", None)
-    if not root_value:
-        raise ConfigError("models_root: required (the folder that holds the models)")
-    models_root = Path(root_value).expanduser()
-    if not models_root.is_absolute():
-        models_root = (base_dir or Path.cwd()) / models_root
-    models_root = models_root.resolve()
-    if not models_root.is_dir():
-        raise ConfigError(f"models_root: {models_root} is not a directory")
-
-    server = root.section("server")
-    host, port = parse_listen_address(server.data.get("port", ":50051"), server.key("port"))
-    if server.has("host"):
-        host = server.str("host", host) or host
-
-    gpus = root.section("gpus")
-    capacity = root.section("capacity")
-    onnx = root.section("onnx")
-    if onnx.has("library_path"):
-        log.warning("config: onnx.library_path is ignored (the onnxruntime Python package brings its own)")
-
-    eviction = capacity.str("eviction_policy", "lfu", choices=["lfu"]) or "lfu"
-    strategy = (
-        gpus.str("assignment_strategy", "round-robin", choices=["round-robin", "least-loaded", "dedicated"])
-        or "round-robin"
-    )
-
-    onnx_cfg = OnnxConfig(
-        intra_op_threads=onnx.int("intra_op_threads", 0, minimum=0),
-        inter_op_threads=onnx.int("inter_op_threads", 1, minimum=0),
-        graph_optimization=onnx.str("graph_optimization", "all", choices=["disable", "basic", "extended", "all"])
-        or "all",
-        allow_spinning=onnx.bool("allow_spinning", False),
-        spin_between_runs=onnx.bool("spin_between_runs", False),
-        cudnn_conv_algo_search=onnx.str(
-            "cudnn_conv_algo_search", "HEURISTIC", choices=["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
-        )
-        or "HEURISTIC",
-        cuda_mem_limit_gb=onnx.float("cuda_mem_limit_gb", 0.0, minimum=0.0),
-        arena_extend_strategy=onnx.str(
-            "arena_extend_strategy", "kNextPowerOfTwo", choices=["kNextPowerOfTwo", "kSameAsRequested"]
-        )
-        or "kNextPowerOfTwo",
-        cudnn_conv_use_max_workspace=onnx.bool("cudnn_conv_use_max_workspace", True),
-        io_binding=onnx.str("io_binding", "auto", choices=["auto", "on", "off"]) or "auto",
-        device_inputs=onnx.str("device_inputs", "auto", choices=["auto", "on", "off"]) or "auto",
-        cuda_graph=onnx.bool("cuda_graph", False),
-        cuda_graph_batch_sizes=graph_sizes(onnx),
-        tensorrt=onnx.bool("tensorrt", False),
-        tensorrt_fp16=onnx.bool("tensorrt_fp16", False),
-        tensorrt_cache_dir=resolve_under(
-            models_root, onnx.str("tensorrt_cache_dir", ".trt-cache") or ".trt-cache", onnx.key("tensorrt_cache_dir")
-        ),
-        tensorrt_max_workspace_gb=onnx.float("tensorrt_max_workspace_gb", 2.0, minimum=0.1),
-    )
-    batching_defaults = parse_batching(root.section("batching"), BatchingConfig())
-
-    encoder_default, encoder_origin = shared_encoder(root, models_root)
-    gpu_count = gpus.int("count", 0, minimum=0)
-    models: dict[str, ModelConfig] = {}
-    models_section = root.section("models")
-    for model_id, spec in models_section.data.items():
-        model_id = str(model_id)
-        key = models_section.key(model_id)
-        if not valid_model_id(model_id):
-            raise ConfigError(f"{key}: invalid model id (expected letters, digits, '.', '_' or '-')")
-        section = Section(spec, key)
-        path_value = section.str("model_path", None)
-        if not path_value:
-            raise ConfigError(f"{key}.model_path: required")
-        model_path = resolve_under(models_root, path_value, section.key("model_path"))
-        encoder_value = section.str("audio_encoder_path", None)
-        encoder_path = (
-            resolve_under(models_root, encoder_value, section.key("audio_encoder_path")) if encoder_value else None
-        )
-        preferred = section.int("preferred_gpu", -1, minimum=-1) if section.has("preferred_gpu") else -1
-        models[model_id] = ModelConfig(
-            model_id=model_id,
-            model_path=model_path,
-            audio_encoder_path=encoder_path or encoder_default,
-            preload=section.bool("preload", False),
-            preferred_gpu=None if preferred < 0 else preferred,
-            batching=parse_batching(section.section("batching"), batching_defaults),
-            geometry=parse_geometry(section) if section.has("geometry") else None,
-            allow_spinning=section.bool("allow_spinning", False) if section.has("allow_spinning") else None,
-        )
-
-    logging_section = root.section("logging")
-    config = InferenceConfig(
+    values = SCHEMA.check(raw)
+    base = base_dir or Path.cwd()
+    models_root = models_root_dir(values["models_root"], base)
+    host, port = values["server.port"]
+    host = values["server.host"] or host
+    onnx = onnx_config(values, models_root)
+    encoder, origin = shared_encoder(values, models_root)
+    models = {mid: model_config(mid, model, models_root, encoder) for mid, model in values.entries("models").items()}
+    check_dedicated(values["gpus.assignment_strategy"], models)
+    return InferenceConfig(
         models_root=models_root,
         host=host,
         port=port,
-        max_message_size_mb=server.int("max_message_size_mb", 64, minimum=1, maximum=2047),
-        worker_count_per_gpu=server.int("worker_count_per_gpu", 2, minimum=1, maximum=64),
-        cpu_workers=server.int("cpu_workers", 1, minimum=1, maximum=64),
-        max_queue_per_device=server.int("max_queue_per_device", 64, minimum=1),
-        max_batch_size=server.int("max_batch_size", 64, minimum=1, maximum=4096),
-        grace_seconds=server.float("grace_seconds", 10.0, minimum=0.0),
-        tune_malloc=server.bool("tune_malloc", True),
-        max_connection_age_s=server.float("max_connection_age_seconds", 0.0, minimum=0.0),
-        gpus_enabled=gpus.bool("enabled", True),
-        gpus_required=gpus.bool("required", False),
-        gpu_count=gpu_count,
-        memory_gb_per_gpu=gpus.float("memory_gb_per_gpu", 0.0, minimum=0.0),
-        assignment_strategy=strategy,
-        max_models=capacity.int("max_models", 8, minimum=1),
-        max_memory_bytes=int(capacity.float("max_memory_gb", 0.0, minimum=0.0) * GIB),
-        input_cache_bytes=int(capacity.float("input_cache_mb", 1024, minimum=0.0) * 1024 * 1024),
-        eviction_policy=eviction,
-        onnx=onnx_cfg,
+        max_message_size_mb=values["server.max_message_size_mb"],
+        worker_count_per_gpu=values["server.worker_count_per_gpu"],
+        cpu_workers=values["server.cpu_workers"],
+        max_queue_per_device=values["server.max_queue_per_device"],
+        max_batch_size=values["server.max_batch_size"],
+        grace_seconds=values["server.grace_seconds"],
+        tune_malloc=values["server.tune_malloc"],
+        max_connection_age_s=values["server.max_connection_age_seconds"],
+        gpus_enabled=values["gpus.enabled"],
+        gpus_required=values["gpus.required"],
+        gpu_count=values["gpus.count"],
+        memory_gb_per_gpu=values["gpus.memory_gb_per_gpu"],
+        assignment_strategy=values["gpus.assignment_strategy"],
+        max_models=values["capacity.max_models"],
+        max_memory_bytes=int(values["capacity.max_memory_gb"] * GIB),
+        input_cache_bytes=int(values["capacity.input_cache_mb"] * MIB),
+        eviction_policy=values["capacity.eviction_policy"],
+        onnx=onnx,
         models=models,
-        audio_encoder_path=encoder_default,
-        audio_encoder_origin=encoder_origin,
-        warmup=root.bool("warmup", True),
-        log_level=parse_log_level(logging_section),
-        serving=parse_serving(
-            root,
-            base_dir or Path.cwd(),
-            host,
-            default_metrics_port=9091,
-            required=serving,
-            # device queues (server.max_queue_per_device) do the fine-grained bounding here
-            default_inflight=64,
-            default_queued=64,
-        ),
+        audio_encoder_path=encoder,
+        audio_encoder_origin=origin,
+        warmup=values["warmup"],
+        log_level=values["logging.level"],
+        serving=parse_serving(values, base, host, required=serving),
     )
-    if onnx_cfg.cuda_graph and onnx_cfg.io_binding == "off":
-        raise ConfigError("onnx.cuda_graph: CUDA graphs need bound buffers; onnx.io_binding must not be off")
-    if strategy == "dedicated":
-        owners: dict[int, str] = {}
-        for model_id, model in models.items():
-            gpu = model.preferred_gpu
-            if gpu is None:
-                continue
-            if gpu in owners:
-                first, second = models_section.key(owners[gpu]), models_section.key(model_id)
-                raise ConfigError(
-                    f"{first}.preferred_gpu and {second}.preferred_gpu: both name GPU {gpu}, "
-                    "but gpus.assignment_strategy: dedicated gives each GPU to one model"
-                )
-            owners[gpu] = model_id
-    return config

@@ -10,11 +10,12 @@ between levels, e.g. ``LIPSYNC_CAPACITY__MAX_MODELS=2``), ``--set key=value``.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -46,16 +47,32 @@ def load_yaml(path: Path | str | None) -> dict[str, Any]:
     return data
 
 
+class EnvironmentFilter(Protocol):
+    """What read_config asks of a schema (config_schema.Schema), without importing it."""
+
+    def from_environment(self, overrides: dict[str, Any]) -> dict[str, Any]: ...
+
+
 def read_config(
     path: Path | str | None,
     overrides: Mapping[str, Any] | Iterable[str] = (),
     environ: Mapping[str, str] | None = None,
+    schema: EnvironmentFilter | None = None,
 ) -> tuple[dict[str, Any], Path]:
-    """The raw mapping with every override applied, and the folder relative paths start from."""
+    """The raw mapping with every override applied, and the folder relative paths start from.
+
+    ``schema`` keeps the environment variables that name its keys: the ``LIPSYNC_`` prefix is shared by both
+    services and the client (``LIPSYNC_TOKEN``), so one process's environment may hold the other's keys."""
     raw = load_yaml(path)
-    apply_overrides(raw, env_overrides(environ))
+    env = env_overrides(environ)
+    apply_overrides(raw, schema.from_environment(env) if schema is not None else env)
     apply_overrides(raw, overrides)
     return raw, Path(path).resolve().parent if path else Path.cwd()
+
+
+def env_name(dotted: str) -> str:
+    """``capacity.max_models`` -> ``LIPSYNC_CAPACITY__MAX_MODELS``."""
+    return ENV_PREFIX + "__".join(part.upper() for part in dotted.split("."))
 
 
 def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -109,8 +126,80 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any] | Iterable
     return raw
 
 
+def to_int(value: Any, key: str, minimum: float | None = None, maximum: float | None = None) -> int:
+    """An integer, or its digits in a string (environment values and ``--set`` arrive as text)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+            value = int(value)
+        else:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key}: expected an integer >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{key}: expected an integer <= {maximum}, got {value}")
+    return value
+
+
+def to_float(value: Any, key: str, minimum: float | None = None, maximum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    value = float(value)
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key}: expected a number >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{key}: expected a number <= {maximum}, got {value}")
+    return value
+
+
+TRUE_WORDS = {"true", "yes", "on", "1"}
+FALSE_WORDS = {"false", "no", "off", "0"}
+
+
+def to_bool(value: Any, key: str) -> bool:
+    """YAML's spellings too, so ``yes`` and ``off`` mean what they do in the file."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS | FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def to_str(value: Any, key: str, choices: Iterable[str] | None = None) -> str:
+    """Numbers become their text (``jpeg_subsampling: 420``); mappings and lists are refused."""
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    value = str(value)
+    if choices is not None:
+        allowed = list(choices)
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def unknown_key(key: str, suggestion: str | None, expected: Iterable[str] = ()) -> ConfigError:
+    """An unknown key names the likeliest intended key, or else the keys that may stand there."""
+    if suggestion:
+        return ConfigError(f"{key}: unknown key (did you mean {suggestion}?)")
+    names = sorted(expected)
+    return ConfigError(f"{key}: unknown key" + (f" (expected one of {', '.join(names)})" if names else ""))
+
+
+def close_match(name: str, candidates: Iterable[str]) -> str | None:
+    """A typo's likeliest intended name, or the one candidate the name begins (``ca`` for ``ca_file``)."""
+    candidates = list(candidates)
+    matches = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    if matches:
+        return matches[0]
+    longer = [c for c in candidates if len(name) >= 2 and c.startswith(name)]
+    return longer[0] if len(longer) == 1 else None
+
+
 class Section:
-    """Typed reads from one mapping of the raw config, naming the full key on error."""
+    """Typed reads from one mapping of a raw config, naming the full key on error (what parse_geometry reads;
+    the services' keys go through their schemas)."""
 
     def __init__(self, data: Any, prefix: str = "") -> None:
         if data is None:
@@ -129,61 +218,16 @@ class Section:
     def has(self, name: str) -> bool:
         return name in self.data and self.data[name] is not None
 
+    def _get(self, name: str, default: Any) -> Any:
+        value = self.data.get(name, default)
+        return default if value is None else value
+
     def int(self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
-        value = self.data.get(name, default)
-        if value is None:
-            value = default
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
-                value = int(value)
-            else:
-                raise ConfigError(f"{self.key(name)}: expected an integer, got {value!r}")
-        if minimum is not None and value < minimum:
-            raise ConfigError(f"{self.key(name)}: expected an integer >= {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise ConfigError(f"{self.key(name)}: expected an integer <= {maximum}, got {value}")
-        return value
-
-    def float(self, name: str, default: float, *, minimum: float | None = None) -> float:
-        value = self.data.get(name, default)
-        if value is None:
-            value = default
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{self.key(name)}: expected a number, got {value!r}") from None
-        value = float(value)
-        if minimum is not None and value < minimum:
-            raise ConfigError(f"{self.key(name)}: expected a number >= {minimum}, got {value}")
-        return value
-
-    def bool(self, name: str, default: bool) -> bool:
-        value = self.data.get(name, default)
-        if value is None:
-            return default
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in {"true", "yes", "on", "1", "false", "no", "off", "0"}:
-            return value.strip().lower() in {"true", "yes", "on", "1"}
-        raise ConfigError(f"{self.key(name)}: expected true or false, got {value!r}")
+        return to_int(self._get(name, default), self.key(name), minimum, maximum)
 
     def str(self, name: str, default: str | None, *, choices: Iterable[str] | None = None) -> str | None:
-        value = self.data.get(name, default)
-        if value is None:
-            return default
-        if not isinstance(value, str | int | float) or isinstance(value, bool):
-            raise ConfigError(f"{self.key(name)}: expected a string, got {value!r}")
-        value = str(value)
-        if choices is not None:
-            allowed = list(choices)
-            if value not in allowed:
-                raise ConfigError(f"{self.key(name)}: expected one of {', '.join(allowed)}, got {value!r}")
-        return value
-
-    def unknown_keys(self, known: Iterable[str]) -> list[str]:
-        known_set = set(known)
-        return [self.key(k) for k in self.data if k not in known_set]
+        value = self._get(name, default)
+        return None if value is None else to_str(value, self.key(name), choices)
 
 
 def parse_listen_address(value: Any, key: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
@@ -209,6 +253,15 @@ def parse_listen_address(value: Any, key: str, default_host: str = "0.0.0.0") ->
     return host, port
 
 
+def models_root_dir(value: str, base: Path) -> Path:
+    """``models_root``: relative to the config file's folder, and it must exist."""
+    root = Path(value).expanduser()
+    root = (root if root.is_absolute() else base / root).resolve()
+    if not root.is_dir():
+        raise ConfigError(f"models_root: {root} is not a directory")
+    return root
+
+
 def resolve_under(root: Path, value: str, key: str) -> Path:
     """Resolve a configured path; relative paths are taken against ``models_root``."""
     path = Path(value).expanduser()
@@ -221,14 +274,11 @@ def resolve_under(root: Path, value: str, key: str) -> Path:
 LOG_LEVELS = {"debug": "DEBUG", "info": "INFO", "warn": "WARNING", "warning": "WARNING", "error": "ERROR"}
 
 
-def parse_log_level(logging_section: Section) -> str:
-    value = logging_section.str("level", "INFO") or "INFO"
+def to_log_level(value: Any, key: str) -> str:
     try:
-        return LOG_LEVELS[value.strip().lower()]
+        return LOG_LEVELS[to_str(value, key).strip().lower()]
     except KeyError:
-        raise ConfigError(
-            f"{logging_section.key('level')}: expected debug, info, warn(ing) or error (any case), got {value!r}"
-        ) from None
+        raise ConfigError(f"{key}: expected debug, info, warn(ing) or error (any case), got {value!r}") from None
 
 
 MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -236,6 +286,16 @@ MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 def valid_model_id(model_id: str) -> bool:
     return bool(MODEL_ID_PATTERN.fullmatch(model_id)) and ".." not in model_id
+
+
+GEOMETRY_KEYS = ("base", "crop_size", "inner", "input_size", "mask", "crop_interpolation", "paste_interpolation")
+
+
+def to_geometry(value: Any, key: str) -> Geometry:
+    """A ``geometry`` key's value anywhere (``models.<id>.geometry``), read by parse_geometry."""
+    prefix, _, name = key.rpartition(".")
+    assert name == "geometry", key
+    return parse_geometry(Section({name: value}, prefix))
 
 
 def parse_geometry(model: Section) -> Geometry:
@@ -250,11 +310,10 @@ def parse_geometry(model: Section) -> Geometry:
             raise ConfigError(f"{key}: expected one of {', '.join(GEOMETRIES)} or a mapping, got {value!r}")
         return GEOMETRIES[name]
     section = model.section("geometry")
-    unknown = section.unknown_keys(
-        ["base", "crop_size", "inner", "input_size", "mask", "crop_interpolation", "paste_interpolation"]
-    )
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown key")
+    for name in section.data:
+        if name not in GEOMETRY_KEYS:
+            guess = close_match(str(name), GEOMETRY_KEYS)
+            raise unknown_key(section.key(name), guess and section.key(guess), GEOMETRY_KEYS)
     base = GEOMETRIES[section.str("base", "328", choices=list(GEOMETRIES)) or "328"]
     mask = section.data.get("mask", list(base.mask))
     if not (

@@ -28,9 +28,11 @@ LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    enabled: bool = False
-    host: str = "0.0.0.0"
-    port: int = 9090  # 0 picks a free port
+    """``metrics.*``; the defaults are each service's own (its schema's), so this class has none."""
+
+    enabled: bool
+    host: str
+    port: int  # 0 picks a free port
 
 
 class _Callback(Collector):

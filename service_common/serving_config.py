@@ -6,72 +6,131 @@ the deployment's secrets, not the models' files under ``models_root``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .auth import AuthConfig
-from .config_source import ConfigError, Section
+from .config_schema import From, Key, Values, choice, flag, ignored, integer, number, path, text
+from .config_source import LOG_LEVELS, ConfigError, parse_listen_address, to_log_level
 from .metrics import MetricsConfig
 from .tls import ClientTls, ServerTls
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
+# The Go system's logging keys, found in either service's file; what replaces them.
+GO_LOGGING_KEYS = (
+    "log_gpu_utilization",
+    "log_cache_stats",
+    "buffered_logging",
+    "sample_rate",
+    "auto_flush",
+    "flush_interval_ms",
+)
+LEVEL_WORDS = tuple(LOG_LEVELS)
+GO_LOGGING = "each request gets a structured log line (logging.requests), and Prometheus metrics exist (metrics.*)"
+
+
+def server_keys(port: int) -> tuple[Key, ...]:
+    """``server.*`` keys both services read the same way; ``port`` is the service's default port."""
+    return (
+        Key(
+            "server.port", "address", f":{port}", '":N", "host:N" or N; 0 picks a free port', parse=parse_listen_address
+        ),
+        text("server.host", None, "the listen address (overrides the host in server.port)", shown="`0.0.0.0`"),
+        integer(
+            "server.max_message_size_mb", 64, "gRPC send and receive limit (a float32 batch of 24 is 59 MB)", 1, 2047
+        ),
+        number("server.grace_seconds", 10.0, "on SIGTERM, time for calls in flight to finish", 0.0),
+        flag("server.tune_malloc", True, "glibc malloc settings for large messages (docs/decisions/0004)"),
+        number(
+            "server.max_connection_age_seconds",
+            0.0,
+            "close client connections after this age (with as much grace), so clients re-resolve DNS and reach "
+            "new pods; 0: unbounded",
+            0.0,
+        ),
+    )
+
+
+def serving_keys(metrics_port: int, max_inflight: int, max_queued: int, inflight_doc: str) -> tuple[Key, ...]:
+    """The keys every server reads, with the service's own defaults (its metrics port and overload bounds)."""
+    return (
+        flag("plaintext", False, "every hop without TLS configured runs plain text (the one line a Go config needs)"),
+        flag("server.plaintext", From("plaintext"), "serve without TLS; required when server.tls is not set"),
+        path("server.tls.cert_file", "the server's certificate (PEM; relative to the config file)"),
+        path("server.tls.key_file", "its private key (PEM); required with cert_file"),
+        path("server.tls.client_ca_file", "with it, clients need a certificate this CA signed (mutual TLS)"),
+        integer("server.health_port", 0, "a plain-text port with only grpc.health.v1 (for probes); 0: none", 0, 65535),
+        integer("server.max_inflight_requests", max_inflight, inflight_doc, 1, 10_000),
+        integer(
+            "server.max_queued_requests", max_queued, "calls waiting for a slot; beyond: RESOURCE_EXHAUSTED", 0, 100_000
+        ),
+        integer("server.max_concurrent_rpcs", 256, "gRPC's hard bound on handlers of any kind", 8, 100_000),
+        number("server.shutdown_delay_seconds", 0.0, "on SIGTERM, NOT_SERVING this long before refusing calls", 0.0),
+        flag("auth.enabled", False, "require tokens (docs/operations.md); LoadModel/UnloadModel need an admin one"),
+        path("auth.tokens_file", "the tokens file (relative to the config file; re-read when it changes)"),
+        text("auth.tokens_env", "", 'an environment variable holding "name:token[:admin],..."'),
+        number("auth.requests_per_second", 0.0, "rate limit of tokens that set none; 0: unlimited", 0.0),
+        integer("auth.burst", 0, "burst of tokens that set none", 0),
+        integer("auth.max_sessions", 0, "streaming sessions of tokens that set none; 0: unlimited", 0),
+        flag("metrics.enabled", False, "serve Prometheus metrics (--metrics-port N sets this and the port)"),
+        text("metrics.host", None, "the metrics listen address", shown="as `server.host`"),
+        integer("metrics.port", metrics_port, "the metrics port; 0 picks a free one", 0, 65535),
+        Key("logging.level", "choice", "INFO", "in any case", choices=LEVEL_WORDS, parse=to_log_level),
+        choice("logging.format", "text", "text json", "json: one object per line"),
+        flag("logging.requests", True, "one line per request with id, model, frames and stage timings"),
+        *(ignored(f"logging.{name}", GO_LOGGING) for name in GO_LOGGING_KEYS),
+    )
+
 
 @dataclass(frozen=True)
 class ServingConfig:
-    tls: ServerTls | None = None
-    plaintext: bool = False  # serving without TLS must be asked for
-    auth: AuthConfig = field(default_factory=AuthConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    log_format: str = "text"
-    log_requests: bool = True
-    max_inflight_requests: int = 8  # heavy RPCs running at once on this replica
-    max_queued_requests: int = 32  # and waiting for a slot; beyond: RESOURCE_EXHAUSTED
-    max_concurrent_rpcs: int = 256  # gRPC's own hard bound on handlers (health checks included)
-    shutdown_delay_s: float = 0.0  # NOT_SERVING this long before refusing calls (load balancers catch up)
+    tls: ServerTls | None
+    plaintext: bool  # serving without TLS must be asked for
+    auth: AuthConfig
+    metrics: MetricsConfig
+    log_format: str
+    log_requests: bool
+    max_inflight_requests: int  # heavy RPCs running at once on this replica
+    max_queued_requests: int  # and waiting for a slot; beyond: RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int  # gRPC's own hard bound on handlers (health checks included)
+    shutdown_delay_s: float  # NOT_SERVING this long before refusing calls (load balancers catch up)
     # A plain-text port with only grpc.health.v1 on it, for probes that cannot speak TLS (Kubernetes'). 0: none.
-    health_port: int = 0
+    health_port: int
 
 
-def file_under(base: Path, section: Section, name: str, *, required: bool = False) -> Path | None:
-    value = section.str(name, None)
+def file_under(base: Path, values: Values, name: str, *, required: bool = False) -> Path | None:
+    value = values[name]
     if not value:
         if required:
-            raise ConfigError(f"{section.key(name)}: required")
+            raise ConfigError(f"{values.key(name)}: required")
         return None
     path = Path(value).expanduser()
     path = path if path.is_absolute() else base / path
     if not path.is_file():
-        raise ConfigError(f"{section.key(name)}: {path} is not a file")
+        raise ConfigError(f"{values.key(name)}: {path} is not a file")
     return path
 
 
-def parse_server_tls(server: Section, base: Path) -> ServerTls | None:
-    tls = server.section("tls")
-    if not tls.data:
+def parse_server_tls(values: Values, base: Path) -> ServerTls | None:
+    if not values.given_under("server.tls"):
         return None
-    for key in tls.unknown_keys(["cert_file", "key_file", "client_ca_file"]):
-        raise ConfigError(f"{key}: unknown key (expected cert_file, key_file, client_ca_file)")
-    cert = file_under(base, tls, "cert_file", required=True)
-    key = file_under(base, tls, "key_file", required=True)
+    cert = file_under(base, values, "server.tls.cert_file", required=True)
+    key = file_under(base, values, "server.tls.key_file", required=True)
     assert cert is not None and key is not None
-    return ServerTls(cert, key, file_under(base, tls, "client_ca_file"))
+    return ServerTls(cert, key, file_under(base, values, "server.tls.client_ca_file"))
 
 
-def parse_client_tls(section: Section, base: Path) -> ClientTls | None:
+def parse_client_tls(values: Values, section: str, base: Path) -> ClientTls | None:
     """``<section>.tls``: ca_file (default: system roots), cert_file + key_file (mutual TLS), server_name."""
-    tls = section.section("tls")
-    if not tls.data:
+    tls = f"{section}.tls"
+    if not values.given_under(tls) or not values[f"{tls}.enabled"]:
         return None
-    for key in tls.unknown_keys(["ca_file", "cert_file", "key_file", "server_name", "enabled"]):
-        raise ConfigError(f"{key}: unknown key (expected ca_file, cert_file, key_file, server_name)")
-    if not tls.bool("enabled", True):
-        return None
-    cert = file_under(base, tls, "cert_file")
-    key = file_under(base, tls, "key_file")
+    cert = file_under(base, values, f"{tls}.cert_file")
+    key = file_under(base, values, f"{tls}.key_file")
     if (cert is None) != (key is None):
-        raise ConfigError(f"{tls.key('cert_file')} and {tls.key('key_file')}: give both for mutual TLS, or neither")
-    return ClientTls(file_under(base, tls, "ca_file"), cert, key, tls.str("server_name", "") or "")
+        raise ConfigError(f"{tls}.cert_file and {tls}.key_file: give both for mutual TLS, or neither")
+    return ClientTls(file_under(base, values, f"{tls}.ca_file"), cert, key, values[f"{tls}.server_name"] or "")
 
 
 TLS_KEYS = {
@@ -80,14 +139,9 @@ TLS_KEYS = {
 }
 
 
-def plaintext_default(root: Section) -> bool:
-    """Top-level ``plaintext: true``: every hop of this service without TLS configured runs plain text."""
-    return root.bool("plaintext", False)
-
-
-def needs_plaintext(section: Section, root: Section) -> bool:
-    """Neither TLS nor plain text chosen for this hop."""
-    return not section.data.get("tls") and not section.bool("plaintext", plaintext_default(root))
+def needs_plaintext(values: Values, section: str) -> bool:
+    """Neither TLS nor plain text chosen for this hop (``<section>.plaintext`` defaults to ``plaintext``)."""
+    return not values.given_under(f"{section}.tls") and not values[f"{section}.plaintext"]
 
 
 def plaintext_error(sections: tuple[str, ...]) -> ConfigError:
@@ -102,61 +156,45 @@ def plaintext_error(sections: tuple[str, ...]) -> ConfigError:
     )
 
 
-def parse_serving(
-    root: Section,
-    base: Path,
-    host: str,
-    default_metrics_port: int,
-    *,
-    required: bool = True,
-    default_inflight: int = 8,
-    default_queued: int = 32,
-    plaintext_also: tuple[str, ...] = (),
-) -> ServingConfig:
-    """``required=False``: a config read by an engine that listens nowhere (TLS or plain text need not be set).
-    ``plaintext_also``: other sections that lack TLS too, named in the same error so one edit fixes the file."""
-    server = root.section("server")
-    tls = parse_server_tls(server, base)
-    if tls is not None and server.bool("plaintext", False):
-        raise ConfigError("server.plaintext: true conflicts with server.tls; choose one")
-    plaintext = tls is None and server.bool("plaintext", plaintext_default(root))
-    if tls is None and not plaintext and required:
-        raise plaintext_error(("server", *plaintext_also))
-
-    auth_section = root.section("auth")
-    for key in auth_section.unknown_keys(
-        ["enabled", "tokens_file", "tokens_env", "requests_per_second", "burst", "max_sessions"]
-    ):
-        raise ConfigError(f"{key}: unknown key")
-    enabled = auth_section.bool("enabled", False)
+def parse_auth(values: Values, base: Path) -> AuthConfig:
+    enabled = values["auth.enabled"]
     auth = AuthConfig(
         enabled=enabled,
-        tokens_file=file_under(base, auth_section, "tokens_file") if enabled else None,
-        tokens_env=auth_section.str("tokens_env", "") or "",
-        requests_per_second=auth_section.float("requests_per_second", 0.0, minimum=0.0),
-        burst=auth_section.int("burst", 0, minimum=0),
-        max_sessions=auth_section.int("max_sessions", 0, minimum=0),
+        tokens_file=file_under(base, values, "auth.tokens_file") if enabled else None,
+        tokens_env=values["auth.tokens_env"] or "",
+        requests_per_second=values["auth.requests_per_second"],
+        burst=values["auth.burst"],
+        max_sessions=values["auth.max_sessions"],
     )
     if auth.enabled and auth.tokens_file is None and not auth.tokens_env:
         raise ConfigError("auth.enabled: true needs auth.tokens_file or auth.tokens_env")
+    return auth
 
-    metrics_section = root.section("metrics")
+
+def parse_serving(
+    values: Values, base: Path, host: str, *, required: bool = True, plaintext_also: tuple[str, ...] = ()
+) -> ServingConfig:
+    """``required=False``: a config read by an engine that listens nowhere (TLS or plain text need not be set).
+    ``plaintext_also``: other sections that lack TLS too, named in the same error so one edit fixes the file."""
+    tls = parse_server_tls(values, base)
+    if tls is not None and values.given("server.plaintext") and values["server.plaintext"]:
+        raise ConfigError("server.plaintext: true conflicts with server.tls; choose one")
+    plaintext = tls is None and values["server.plaintext"]
+    if tls is None and not plaintext and required:
+        raise plaintext_error(("server", *plaintext_also))
     metrics = MetricsConfig(
-        enabled=metrics_section.bool("enabled", False),
-        host=metrics_section.str("host", host) or host,
-        port=metrics_section.int("port", default_metrics_port, minimum=0, maximum=65535),
+        enabled=values["metrics.enabled"], host=values["metrics.host"] or host, port=values["metrics.port"]
     )
-    logging_section = root.section("logging")
     return ServingConfig(
         tls=tls,
         plaintext=plaintext,
-        auth=auth,
+        auth=parse_auth(values, base),
         metrics=metrics,
-        log_format=logging_section.str("format", "text", choices=["text", "json"]) or "text",
-        log_requests=logging_section.bool("requests", True),
-        max_inflight_requests=server.int("max_inflight_requests", default_inflight, minimum=1, maximum=10_000),
-        max_queued_requests=server.int("max_queued_requests", default_queued, minimum=0, maximum=100_000),
-        max_concurrent_rpcs=server.int("max_concurrent_rpcs", 256, minimum=8, maximum=100_000),
-        shutdown_delay_s=server.float("shutdown_delay_seconds", 0.0, minimum=0.0),
-        health_port=server.int("health_port", 0, minimum=0, maximum=65535),
+        log_format=values["logging.format"],
+        log_requests=values["logging.requests"],
+        max_inflight_requests=values["server.max_inflight_requests"],
+        max_queued_requests=values["server.max_queued_requests"],
+        max_concurrent_rpcs=values["server.max_concurrent_rpcs"],
+        shutdown_delay_s=values["server.shutdown_delay_seconds"],
+        health_port=values["server.health_port"],
     )
