@@ -252,6 +252,7 @@ class InferenceConfig:
     eviction_policy: str
     input_cache_bytes: int  # model inputs held for inputs by reference (inference_service/inputs.py); 0: none
     onnx: OnnxConfig
+    batching: BatchingConfig  # batching.*: that of every model without its own, including those added after start
     models: Mapping[str, ModelConfig]
     # The audio encoder of every model that names none (top-level audio_encoder_path, or found where the Go
     # system looked), and how it was found, for the start-up log.
@@ -392,6 +393,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None, *, serving: 
         input_cache_bytes=int(values["capacity.input_cache_mb"] * MIB),
         eviction_policy=values["capacity.eviction_policy"],
         onnx=onnx,
+        batching=batching_config(values),
         models=models,
         audio_encoder_path=encoder,
         audio_encoder_origin=origin,

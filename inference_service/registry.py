@@ -138,7 +138,7 @@ class ModelRegistry(LfuRegistry[ModelEntry]):
                 raise InvalidArgument(f"model_path: model_id {model_id!r} is configured with another path")
             encoder = path.parent / ENCODER_FILE
             own = encoder if encoder.is_file() and encoder != path else None
-            return ModelConfig(model_id, path, own or self.config.audio_encoder_path)
+            return ModelConfig(model_id, path, own or self.config.audio_encoder_path, batching=self.config.batching)
         if model_id in self.config.models:
             return self.config.models[model_id]
         if model_id in self._dynamic:
@@ -148,7 +148,9 @@ class ModelRegistry(LfuRegistry[ModelEntry]):
         if (folder / MODEL_FILE).is_file():
             encoder = folder / ENCODER_FILE
             own = encoder if encoder.is_file() else None
-            return ModelConfig(model_id, folder / MODEL_FILE, own or self.config.audio_encoder_path)
+            return ModelConfig(
+                model_id, folder / MODEL_FILE, own or self.config.audio_encoder_path, batching=self.config.batching
+            )
         raise NotFound(f"model_id: unknown model {model_id!r} (not configured, no {model_id}/{MODEL_FILE})")
 
     def known_ids(self) -> list[str]:

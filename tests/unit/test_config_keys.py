@@ -193,3 +193,17 @@ def test_two_spellings_of_the_inference_targets(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"inference_server\.url and inference_server\.urls: two spellings"):
         parse("compositing", tmp_path, {"inference_server.url": "a:1", "inference_server.urls": ["b:2"]})
+
+
+def test_models_added_after_start_batch_as_the_top_level_says(tmp_path: Path) -> None:
+    from inference_service.devices import cpu_device
+    from inference_service.registry import ModelRegistry
+
+    config = parse("inference", tmp_path, {"batching.enabled": True, "batching.max_batch_frames": 24})
+    assert config.models["a"].batching == config.batching  # a configured model without its own batching.*
+    (tmp_path / "late").mkdir()
+    (tmp_path / "late" / "model.onnx").write_bytes(b"x")
+    (tmp_path / "loose.onnx").write_bytes(b"x")
+    registry = ModelRegistry(config, [cpu_device(config)])
+    for spec in (registry.spec_for("late"), registry.spec_for("loose", "loose.onnx")):
+        assert spec.batching.enabled and spec.batching.max_batch_frames == 24
