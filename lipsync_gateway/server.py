@@ -47,7 +47,6 @@ import json
 import logging
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -66,6 +65,7 @@ from lipsync_protocol.channels import ClientTls
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc, inference_pb2
 
+from .pump import ResponsePump
 from .webrtc import PeerManager, WebRtcConfig, ice_servers
 
 log = logging.getLogger("lipsync_gateway")
@@ -138,55 +138,6 @@ def session_requests(config: pb.SessionConfig, samples: np.ndarray) -> Iterator[
     for start in range(0, len(data), CHUNK_SAMPLES):
         yield pb.SessionRequest(audio=pb.AudioChunk(data=data[start : start + CHUNK_SAMPLES].tobytes()))
     yield pb.SessionRequest(control=pb.SessionControl(end_of_input=True))
-
-
-class ResponsePump:
-    """A session's responses, read by a thread from the blocking call, handed to the event loop at most
-    ``window`` ahead of the reader; close() cancels the call and ends the thread."""
-
-    EOF = object()
-
-    def __init__(self, call: Any, loop: asyncio.AbstractEventLoop, window: int = 8) -> None:
-        self.call = call
-        self.loop = loop
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.slots = threading.Semaphore(window)
-        self.closed = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="gateway-session", daemon=True)
-        self.thread.start()
-
-    def _hand_over(self, item: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    def _run(self) -> None:
-        try:
-            for response in self.call:
-                while not self.slots.acquire(timeout=0.2):
-                    if self.closed.is_set():
-                        return
-                if self.closed.is_set():
-                    return
-                self._hand_over(response)
-            self._hand_over(self.EOF)
-        except grpc.RpcError as exc:
-            self._hand_over(exc)
-        except Exception as exc:  # a bug rather than a status: still end the reader's wait
-            log.exception("session reader failed")
-            self._hand_over(exc)
-
-    async def get(self) -> Any:
-        """The next response, or EOF; raises the call's grpc.RpcError."""
-        item = await self.queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        if item is not self.EOF:
-            self.slots.release()
-        return item
-
-    def close(self) -> None:
-        self.closed.set()
-        self.call.cancel()  # a no-op once the call is done; otherwise (error, disconnect) it ends the session
 
 
 class Gateway:
