@@ -19,7 +19,10 @@ from compositing_service.config import load_config as load_compositing_config
 from compositing_service.server import start_server as start_compositing_server
 from inference_service.config import InferenceConfig, load_config
 from inference_service.server import start_server as start_inference_server
+from lipsync_client.media import read_speech
 from service_common.serving import RunningServer
+
+SPEECH = Path(__file__).resolve().parent / "data" / "speech_16k.wav"
 
 
 def make_config(models_root: Path, **overrides: Any) -> InferenceConfig:
@@ -132,3 +135,15 @@ async def wait_until_async(predicate: Callable[[], Any], timeout: float = 30.0, 
         if value or time.monotonic() >= deadline:
             return value
         await asyncio.sleep(interval)
+
+
+def speech_with_pauses(*parts: tuple[str, float]) -> np.ndarray:
+    """16 kHz test speech cut into ("speech" | "silence", seconds) parts; each speech part goes on where the
+    last one stopped."""
+    speech = read_speech(SPEECH)
+    out, offset = [], 0
+    for kind, seconds in parts:
+        n = int(seconds * 16000)
+        out.append(np.zeros(n, np.float32) if kind == "silence" else speech[offset : offset + n])
+        offset += n if kind == "speech" else 0
+    return np.concatenate(out)

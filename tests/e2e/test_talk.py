@@ -22,26 +22,19 @@ import numpy as np
 import pytest
 import soxr
 from browser import Chromium
+from support import speech_with_pauses
 
 from demo_models.avatar import mouth_center_in_frame
-from lipsync_client.media import read_speech
 from lipsync_cluster.launcher import Cluster, ClusterSpec
 from service_common.processes import free_port
 from shared_proto import compositing_pb2, compositing_pb2_grpc
 
-SPEECH = Path(__file__).resolve().parents[1] / "data" / "speech_16k.wav"
 # speech, silence, speech, silence (chromium loops the file): each silence is longer than the gate's hangover
 PATTERN = [("silence", 1.0), ("speech", 2.0), ("silence", 2.5), ("speech", 2.0), ("silence", 1.5)]
 
 
 def fake_mic_wav(path: Path) -> Path:
-    speech = read_speech(SPEECH)
-    parts, offset = [], 0
-    for kind, seconds in PATTERN:
-        n = int(seconds * 16000)
-        parts.append(np.zeros(n, np.float32) if kind == "silence" else speech[offset : offset + n])
-        offset += n if kind == "speech" else 0
-    samples = soxr.resample(np.concatenate(parts), 16000, 48000)
+    samples = soxr.resample(speech_with_pauses(*PATTERN), 16000, 48000)
     with wave.open(str(path), "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)

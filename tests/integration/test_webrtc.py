@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 from aiohttp import web
-from support import ServerThread, make_compositing_config, wait_until_async
+from support import ServerThread, make_compositing_config, speech_with_pauses, wait_until_async
 
 from lipsync_client.media import read_speech
 from lipsync_gateway.rtc_client import SpeechTrack, TalkClient
@@ -77,16 +77,6 @@ async def freed(url: str, address: str) -> bool:
             return True
         await asyncio.sleep(0.1)
     return False
-
-
-def speech_with_pauses(*parts: tuple[str, float]) -> np.ndarray:
-    speech = read_speech(SPEECH)
-    out, offset = [], 0
-    for kind, seconds in parts:
-        n = int(seconds * 16000)
-        out.append(np.zeros(n, np.float32) if kind == "silence" else speech[offset : offset + n])
-        offset += n if kind == "speech" else 0
-    return np.concatenate(out)
 
 
 def loud_blocks(received_audio: list[tuple[int, np.ndarray]]) -> dict[int, bool]:
