@@ -234,12 +234,12 @@ def _check_compositing_config(root: Path, models: list[str]) -> dict:
     return cfg
 
 
-def test_compositing_config_without_unet328_lists_only_demo(avatar_dir: Path) -> None:
-    _check_compositing_config(avatar_dir, ["demo"])
+def test_compositing_config_without_unet328_lists_only_the_demos(avatar_dir: Path) -> None:
+    _check_compositing_config(avatar_dir, ["demo", "demo160"])
 
 
-def test_compositing_config_with_unet328_lists_both_models(models_dir: Path) -> None:
-    _check_compositing_config(models_dir, ["demo", "unet328"])
+def test_compositing_config_with_unet328_lists_every_model(models_dir: Path) -> None:
+    _check_compositing_config(models_dir, ["demo", "demo160", "unet328"])
 
 
 def test_skip_avatar_writes_neither_avatar_nor_compositing_config(tmp_path: Path) -> None:

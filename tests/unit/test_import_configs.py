@@ -73,8 +73,9 @@ def test_existing_entries_and_comments_survive(tmp_path: Path) -> None:
         k: v for k, v in before_comp.items() if k != "models"
     }
     # Both services still load the edited files, with every model.
-    assert set(load_inference(tmp_path / "inference.yaml", environ={}).models) == {"demo", "unet328", "carol"}
-    assert set(load_compositing(tmp_path / "compositing.yaml", environ={}).models) == {"demo", "unet328", "carol"}
+    every = {"demo", "demo160", "unet328", "carol"}
+    assert set(load_inference(tmp_path / "inference.yaml", environ={}).models) == every
+    assert set(load_compositing(tmp_path / "compositing.yaml", environ={}).models) == every
 
 
 def test_reimport_replaces_its_entry_and_keeps_the_operators_keys(tmp_path: Path) -> None:
