@@ -51,12 +51,14 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Every test, markers or not (CI): a missing nginx, chromium, docker-compose or kubectl fails here, never skips.
 test: system-deps-test install proto lint
 	$(PY) -m pytest -q --cov --cov-report=term-missing:skip-covered --cov-fail-under=85
 
-# The suite without the full-size unet328 tests.
+# The quick loop (under 2 minutes on 2 cores): no system tool, no full-size unet328, nothing long by design.
+# Markers: pyproject.toml [tool.pytest.ini_options]; docs/development.md.
 test-fast: install proto
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not needs_tools"
 
 models: install
 	$(VENV)/bin/lipsync-models --out $(MODELS_DIR)

@@ -61,6 +61,18 @@ def stub(inference_server: ServerThread) -> Iterator[inference_pb2_grpc.Inferenc
         yield inference_pb2_grpc.InferenceServiceStub(channel)
 
 
+# The folder a test lives in is its kind: `-m unit`, `-m "not e2e"`, ...
+FOLDER_MARKERS = ("unit", "integration", "e2e")
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(item.path).resolve()
+        if path.is_relative_to(TESTS) and (folder := path.relative_to(TESTS).parts[0]) in FOLDER_MARKERS:
+            item.add_marker(folder)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--soak-seconds",

@@ -18,6 +18,8 @@ from service_common.processes import free_port
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc, inference_pb2, inference_pb2_grpc
 
+pytestmark = pytest.mark.needs_tools  # nginx: the local cluster
+
 BIN = Path(sys.executable).parent
 WINDOW = np.full((32, 16, 16), 0.6, np.float32).tobytes()
 

@@ -74,6 +74,7 @@ def started_after(load: Load, moment: float) -> int:
     return sum(o.started > moment for o in load.snapshot())
 
 
+@pytest.mark.slow  # a fault under sustained load from several clients, by design
 def test_inference_killed_under_load_gives_unavailable_in_time_then_recovers(models_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     inference = inference_process(models_dir, port, tmp_path / "inference.log")
@@ -123,6 +124,7 @@ def test_inference_killed_under_load_gives_unavailable_in_time_then_recovers(mod
             restarted.stop()
 
 
+@pytest.mark.slow  # a fault under sustained load from several clients, by design
 def test_one_of_two_inference_servers_killed_under_load_loses_no_request(models_dir: Path, tmp_path: Path) -> None:
     a = inference_process(models_dir, free_port(), tmp_path / "a.log")
     b = inference_process(models_dir, free_port(), tmp_path / "b.log")
@@ -142,6 +144,7 @@ def test_one_of_two_inference_servers_killed_under_load_loses_no_request(models_
         a.stop()
 
 
+@pytest.mark.needs_tools  # nginx: the local cluster
 def test_sigterm_to_a_replica_behind_nginx_loses_no_accepted_request(models_dir: Path) -> None:
     assert nginx.find_nginx(), nginx.install_hint()  # make test installs nginx: a failure, never a skip
     spec = ClusterSpec(
@@ -172,6 +175,7 @@ def test_sigterm_to_a_replica_behind_nginx_loses_no_accepted_request(models_dir:
         cluster.stop()
 
 
+@pytest.mark.slow  # over 1,200 calls of overload in three rounds, by design
 def test_overload_is_refused_at_once_memory_stays_flat_and_admitted_latency_holds(
     models_dir: Path, tmp_path: Path
 ) -> None:
@@ -221,6 +225,7 @@ def test_overload_is_refused_at_once_memory_stays_flat_and_admitted_latency_hold
         inference.stop()
 
 
+@pytest.mark.slow  # minutes of load (--soak-seconds)
 @pytest.mark.timeout(1800)
 def test_soak_flat_memory_and_zero_errors(models_dir: Path, tmp_path: Path, soak_seconds: float) -> None:
     """Minutes of steady load (``--soak-seconds`` or LIPSYNC_SOAK_SECONDS for longer): no error, flat RSS."""
@@ -250,6 +255,7 @@ def test_soak_flat_memory_and_zero_errors(models_dir: Path, tmp_path: Path, soak
         inference.stop()
 
 
+@pytest.mark.slow  # unet328 preloaded, a batch of it in flight
 def test_sigterm_goes_not_serving_refuses_new_calls_and_lets_calls_in_flight_finish(
     models_dir: Path, tmp_path: Path
 ) -> None:

@@ -19,11 +19,15 @@ from pathlib import Path
 import cv2
 import grpc
 import numpy as np
+import pytest
 
 from demo_models import avatar, talking
 from service_common.processes import ServiceProcess, free_port
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc
+
+# The Go client's own load by design: five 59 MB float32 requests, then 300 frames checked one by one.
+pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 DATA = Path(__file__).resolve().parents[1] / "data"

@@ -33,6 +33,8 @@ from service_common.processes import free_port
 from shared_proto import compositing_pb2 as pb
 from shared_proto import compositing_pb2_grpc
 
+pytestmark = pytest.mark.needs_tools  # nginx in front of the replicas
+
 # Larger than nginx's body preread (64 KiB, so nginx cannot resend it itself) and than gRPC's default retry buffer
 # (256 KiB, beyond which gRPC does not retry at all unless told otherwise).
 FRAMES = 10

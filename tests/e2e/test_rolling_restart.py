@@ -15,11 +15,14 @@ import wave
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from lipsync_client import LipsyncClient, LipsyncError
 from lipsync_cluster import nginx
 from lipsync_cluster.cli import state_file
 from service_common.processes import free_port
+
+pytestmark = pytest.mark.needs_tools  # nginx: the local cluster
 
 BIN = Path(sys.executable).parent
 SPEECH = Path(__file__).resolve().parents[1] / "data" / "speech_16k.wav"

@@ -29,6 +29,8 @@ from lipsync_cluster.launcher import Cluster, ClusterSpec
 from service_common.processes import free_port
 from shared_proto import compositing_pb2, compositing_pb2_grpc
 
+pytestmark = pytest.mark.needs_tools  # chromium, and nginx in the local cluster
+
 # speech, silence, speech, silence (chromium loops the file): each silence is longer than the gate's hangover
 PATTERN = [("silence", 1.0), ("speech", 2.0), ("silence", 2.5), ("speech", 2.0), ("silence", 1.5)]
 

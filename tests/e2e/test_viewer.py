@@ -20,6 +20,8 @@ from browser import Chromium
 from lipsync_cluster.launcher import Cluster, ClusterSpec
 from service_common.processes import free_port
 
+pytestmark = pytest.mark.needs_tools  # chromium, and nginx in the local cluster
+
 SPEECH = Path(__file__).resolve().parents[1] / "data" / "speech_16k.wav"
 
 

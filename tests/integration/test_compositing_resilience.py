@@ -83,6 +83,7 @@ def test_inference_down_gives_unavailable_in_time_and_recovers_without_restart(m
         inference.stop()
 
 
+@pytest.mark.slow  # unet328 preloaded and run
 def test_client_deadline_bounds_the_whole_request(models_dir: Path) -> None:
     inference = ServerThread(make_config(models_dir, **{"models.unet328.preload": True}))
     compositing = ServerThread.compositing(make_compositing_config(models_dir, inference.address))

@@ -33,6 +33,7 @@ def test_unexpected_exception_is_internal_and_server_survives(models_dir, monkey
         server.stop()
 
 
+@pytest.mark.slow  # unet328: loaded, then batches of it queued
 def test_full_queue_answers_resource_exhausted_with_retry_hint(models_dir) -> None:
     server = ServerThread(make_config(models_dir, **{"server.max_queue_per_device": 1}))
     request = pb.InferBatchRequest(

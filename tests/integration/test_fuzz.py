@@ -23,6 +23,9 @@ from shared_proto import compositing_pb2 as cpb
 from shared_proto import compositing_pb2_grpc, inference_pb2_grpc
 from shared_proto import inference_pb2 as ipb
 
+# About 1,100 generated requests by design, some of them valid unet328 batches that run it.
+pytestmark = pytest.mark.slow
+
 CLIENT_ERRORS = {
     grpc.StatusCode.OK,
     grpc.StatusCode.INVALID_ARGUMENT,

@@ -158,6 +158,7 @@ def test_health_reports_devices(stub, inference_server) -> None:
             assert status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.slow  # loads unet328 (its warm-up run)
 def test_load_and_unload_round_trip(stub) -> None:
     loaded = stub.LoadModel(pb.LoadModelRequest(model_id="unet328"))
     assert loaded.success and loaded.stats.memory_bytes > 40_000_000

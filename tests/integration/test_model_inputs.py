@@ -74,6 +74,7 @@ def test_real_crops_give_the_outputs_of_the_whole_input(infer) -> None:
     assert np.array_equal(mouths(three), expected)
 
 
+@pytest.mark.slow  # the forged request loads unet328 (its warm-up run)
 def test_keys_hit_miss_and_scoping_by_model(infer) -> None:
     real = crops(seed=2)
     keys = [f"t1/{i}" for i in range(FRAMES)]

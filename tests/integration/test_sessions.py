@@ -262,6 +262,7 @@ def test_cancel_frees_the_session_and_others_keep_going(stub) -> None:
     assert wait_until(lambda: stub.Health(pb.HealthRequest()).active_sessions == 0)
 
 
+@pytest.mark.slow  # ten minutes of audio through one session (about 20 s of rendering)
 @pytest.mark.timeout(900)  # minutes of rendering (2.5 here when calm, 4.5 under load): more than the default 300 s
 def test_ten_minutes_of_audio_end_within_one_frame(models_dir: Path, inference_server, tmp_path: Path) -> None:
     frames_dir, rects = write_small_avatar(tmp_path / "small", frames=20, size=(320, 240))

@@ -141,6 +141,7 @@ def test_models_declare_a_dynamic_batch_named_batch(models_dir: Path, rel: str) 
 
 
 # -- unet328 ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # runs unet328
 @pytest.mark.parametrize("batch", [1, 3])
 def test_unet328_io_shapes(unet: ort.InferenceSession, batch: int) -> None:
     assert [i.name for i in unet.get_inputs()] == ["input", "audio"]
@@ -152,6 +153,7 @@ def test_unet328_io_shapes(unet: ort.InferenceSession, batch: int) -> None:
     assert out.dtype == np.float32
 
 
+@pytest.mark.slow  # runs unet328
 def test_unet328_output_in_unit_range_and_not_saturated(unet: ort.InferenceSession) -> None:
     rng = np.random.default_rng(7)
     audio = rng.uniform(0, 1, (1, 32, 16, 16)).astype(np.float32)
@@ -163,6 +165,7 @@ def test_unet328_output_in_unit_range_and_not_saturated(unet: ort.InferenceSessi
     assert saturated < 0.05, f"{saturated:.1%} of sigmoid outputs are saturated"
 
 
+@pytest.mark.slow  # runs unet328
 def test_unet328_output_depends_on_audio(unet: ort.InferenceSession) -> None:
     rng = np.random.default_rng(11)
     x = _unet_input(rng, 1)
@@ -220,6 +223,7 @@ def test_builds_are_deterministic_per_seed(models_dir: Path) -> None:
 
 
 # -- unet328 audio encoder -------------------------------------------------------------------------------
+@pytest.mark.slow  # runs unet328's audio encoder
 @pytest.mark.parametrize("batch", [1, 3])
 def test_audio_encoder_io_shapes(models_dir: Path, batch: int) -> None:
     sess = _session(models_dir / "unet328" / "audio_encoder.onnx")

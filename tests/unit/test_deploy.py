@@ -354,6 +354,7 @@ def test_nginx_conf_directives() -> None:
     assert re.search(r"resolver\s+127\.0\.0\.11\b", code)
 
 
+@pytest.mark.needs_tools
 def test_nginx_conf_passes_nginx_t(tmp_path: Path) -> None:
     """`nginx -t` with the real binary on a copy of the conf adjusted to this host.
 
@@ -405,6 +406,7 @@ def compose() -> dict[str, Any]:
     return yaml.safe_load(result.stdout)
 
 
+@pytest.mark.needs_tools
 def test_compose_services(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert set(services) == {"models", "inference", "compositing", "nginx"}
@@ -435,6 +437,7 @@ def _healthcheck(service: dict[str, Any]) -> list[str]:
     return service["healthcheck"]["test"]
 
 
+@pytest.mark.needs_tools
 def test_compose_inference_gpu_and_health(compose: dict[str, Any]) -> None:
     inference = compose["services"]["inference"]
     (device,) = inference["deploy"]["resources"]["reservations"]["devices"]
@@ -445,6 +448,7 @@ def test_compose_inference_gpu_and_health(compose: dict[str, Any]) -> None:
     assert any(v.startswith("models:/models") for v in _volumes(inference))
 
 
+@pytest.mark.needs_tools
 def test_compose_compositing_replicas_and_url(compose: dict[str, Any]) -> None:
     compositing = compose["services"]["compositing"]
     assert int(compositing["deploy"]["replicas"]) >= 2
@@ -458,6 +462,7 @@ def test_compose_compositing_replicas_and_url(compose: dict[str, Any]) -> None:
     assert any(v.split(":")[1] == frames_cache for v in _volumes(compositing)), "decoded frames shared by replicas"
 
 
+@pytest.mark.needs_tools
 def test_compose_nginx(compose: dict[str, Any]) -> None:
     nginx = compose["services"]["nginx"]
     assert nginx["image"].startswith("nginx:")
@@ -469,6 +474,7 @@ def test_compose_nginx(compose: dict[str, Any]) -> None:
     assert nginx["depends_on"]["compositing"]["condition"] == "service_healthy"
 
 
+@pytest.mark.needs_tools
 def test_compose_environment_is_read_by_the_services(compose: dict[str, Any], tmp_path: Path) -> None:
     """The LIPSYNC_* variables compose sets are real config keys, applied over the configs baked into the images."""
     services = compose["services"]
@@ -690,6 +696,7 @@ def test_images_are_the_ones_built_here(
             assert container["image"].split(":")[0] in renamed, container["image"]
 
 
+@pytest.mark.needs_tools
 def test_kustomize_build(kustomization: dict[str, Any]) -> None:
     """`kubectl kustomize` of deploy/k8s; make test installs kubectl, so a missing one fails (never a skip)."""
     kubectl = shutil.which("kubectl")

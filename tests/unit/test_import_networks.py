@@ -25,7 +25,10 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("name", ["unet328", "unet160", "audio_encoder"])
+UNET328 = pytest.param("unet328", marks=pytest.mark.slow)  # the full-size UNet, run
+
+
+@pytest.mark.parametrize("name", [UNET328, "unet160", "audio_encoder"])
 def test_fixture_outputs_match_the_reference(synctalk_fixtures: Path, name: str) -> None:
     """Each genuine checkpoint (random weights, randomised BatchNorm statistics) gives SyncTalk_2D's own
     eval-mode output on the same inputs."""
