@@ -194,6 +194,7 @@ class Playout:
         self._first = asyncio.Event()
         self.accepting = False  # frames before the peer connects are dropped: nobody sees them
         self.speaking = False  # an utterance is open: its stall must drain the buffer, not be filled in
+        self.epoch: float | None = None  # time.time() of pts 0, the tracks' capture clock (rtp_clock.py)
 
     # -- input: the session's frames ------------------------------------------------------------------
 
@@ -304,13 +305,17 @@ class Playout:
                 self.stats.speech_frames += entry.speech
             assert jpeg is not None
             self._last_jpeg = jpeg
+            if self.epoch is None:
+                self.epoch = time.time() - (time.monotonic() - start)
+            # The sound first: its packets leave on the tick, however long the picture's decode waits for a
+            # thread (a browser's jitter buffer grows with the spread of their arrival, and lip sync with it).
+            sound = self._audio_frames(audio, n)
+            self._queue_audio(sound)
             video = await asyncio.to_thread(self._decode, jpeg)
             video.pts = n * VIDEO_TICKS
             video.time_base = VIDEO_TIME_BASE
             info = {**info, "n": n, "pts": n * VIDEO_TICKS, "buffer": len(self.buffer)}
-            tick = Tick(video, self._audio_frames(audio, n), info, due)
-            self.video.queue.put_nowait(tick)
-            self._queue_audio(tick.audio)
+            self.video.queue.put_nowait(Tick(video, sound, info, due))
             self.stats.ticks += 1
             n += 1
 
@@ -330,6 +335,10 @@ class Playout:
         for frame in self._pending_audio:
             self.audio.queue.put_nowait(frame)
         self._pending_audio = []
+
+    def capture_time(self, pts: int, clock_rate: int) -> float | None:
+        """time.time() at which the frame with ``pts`` (on a ``clock_rate`` clock) was due."""
+        return None if self.epoch is None else self.epoch + pts / clock_rate
 
     def sent(self, tick: Tick, rtp: int | None) -> None:
         """The video encoder took ``tick``: stamp it and report it on the data channel."""
@@ -355,6 +364,7 @@ class VideoOut(MediaStreamTrack):
         self.playout = playout
         self.queue: asyncio.Queue[Tick] = asyncio.Queue()
         self.sender: Any = None
+        self.captured: float | None = None  # when the frame last handed to the encoder was due (rtp_clock.py)
         self._origin: int | None = None
 
     def _rtp(self, n: int) -> int | None:
@@ -374,6 +384,7 @@ class VideoOut(MediaStreamTrack):
             self.playout.stats.shed += 1
             tick = self.queue.get_nowait()
         self.playout.sent(tick, self._rtp(tick.info["n"]))
+        self.captured = self.playout.capture_time(tick.video.pts, VIDEO_CLOCK)
         return tick.video
 
 
@@ -384,12 +395,16 @@ class AudioOut(MediaStreamTrack):
 
     def __init__(self, playout: Playout) -> None:
         super().__init__()
+        self.playout = playout
         self.queue: asyncio.Queue[av.AudioFrame] = asyncio.Queue()
+        self.captured: float | None = None  # as VideoOut's
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        return await self.queue.get()
+        frame = await self.queue.get()
+        self.captured = self.playout.capture_time(frame.pts, OUT_RATE)
+        return frame
 
 
 def frame_message(info: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtp import RtcpSrPacket
 
 RATE = 16000
 FRAME = RATE // 50  # 20 ms, what a browser's microphone track sends
@@ -74,6 +75,9 @@ class Received:
     images: list[np.ndarray] = field(default_factory=list)
     audio: list[tuple[int, np.ndarray]] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
+    # per track kind, the first RTP timestamp that arrived, and every sender report as (kind, NTP, RTP time)
+    first_rtp: dict[str, int] = field(default_factory=dict)
+    reports: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 class TalkClient:
@@ -105,6 +109,8 @@ class TalkClient:
         pc = self.pc
         pc.addTrack(self.speech)
         pc.addTransceiver("video", direction="recvonly")
+        for transceiver in pc.getTransceivers():
+            self._tap(transceiver.receiver, transceiver.kind)
         self.channel = pc.createDataChannel("lipsync")
         self.channel.on("message", self._on_message)
         pc.on("track", self._on_track)
@@ -119,6 +125,22 @@ class TalkClient:
         self.peer_id = reply["peer_id"]
         await pc.setRemoteDescription(RTCSessionDescription(sdp=reply["sdp"], type=reply["type"]))
         return True
+
+    def _tap(self, receiver: Any, kind: str) -> None:
+        """Records the track's first RTP timestamp and its sender reports (aiortc keeps neither)."""
+        on_rtp, on_rtcp = receiver._handle_rtp_packet, receiver._handle_rtcp_packet
+
+        async def rtp(packet: Any, arrival_time_ms: int) -> None:
+            self.received.first_rtp.setdefault(kind, packet.timestamp)
+            await on_rtp(packet, arrival_time_ms)
+
+        async def rtcp(packet: Any) -> None:
+            if isinstance(packet, RtcpSrPacket):
+                info = packet.sender_info
+                self.received.reports.append((kind, info.ntp_timestamp, info.rtp_timestamp))
+            await on_rtcp(packet)
+
+        receiver._handle_rtp_packet, receiver._handle_rtcp_packet = rtp, rtcp
 
     def _on_message(self, text: Any) -> None:
         with contextlib.suppress(ValueError):

@@ -34,6 +34,7 @@ from shared_proto import inference_pb2
 from .audio_in import BLOCK, RATE, MicResampler, SpeechGate, decode_body
 from .live import LiveSession
 from .playout import TIMERS, Playout, frame_message, time_encoders
+from .rtp_clock import on_capture_clock
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +123,10 @@ class Peer:
         kinds = {t.kind for t in pc.getTransceivers()}
         if "video" not in kinds:
             raise PeerError(400, "INVALID_ARGUMENT", "sdp: the offer has no video section to receive the avatar")
-        video = pc.addTrack(self.playout.video)
+        video = on_capture_clock(pc.addTrack(self.playout.video))
         self.playout.video.sender = video
         if "audio" in kinds:
-            pc.addTrack(self.playout.audio)
+            on_capture_clock(pc.addTrack(self.playout.audio))
         await pc.setLocalDescription(await pc.createAnswer())  # gathers the ICE candidates into the answer
         self._start(self._read_session())
         self._start(self._watch_idle())

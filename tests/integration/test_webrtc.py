@@ -19,6 +19,7 @@ from support import ServerThread, make_compositing_config, speech_with_pauses, w
 
 from lipsync_client.media import read_speech
 from lipsync_gateway.rtc_client import SpeechTrack, TalkClient
+from lipsync_gateway.rtp_clock import NTP_UNIX_OFFSET
 from lipsync_gateway.server import GatewayConfig, build_app
 from lipsync_gateway.webrtc import WebRtcConfig
 from service_common.processes import free_port
@@ -88,6 +89,18 @@ def loud_blocks(received_audio: list[tuple[int, np.ndarray]]) -> dict[int, bool]
     return {tick: 10 * np.log10(max(np.mean(v), 1e-12)) > -40 for tick, v in energy.items()}
 
 
+def tick_zero_times(received) -> list[tuple[str, float]]:
+    """Per sender report: the Unix time it gives the track's first RTP timestamp (tick 0 on loopback).
+
+    A report that aiortc sends before the track's first packet has an NTP time of 0, which receivers ignore."""
+    clock = {"audio": 48000, "video": 90000}
+    return [
+        (kind, ntp / 2**32 - NTP_UNIX_OFFSET - ((rtp - received.first_rtp[kind]) % 2**32) / clock[kind])
+        for kind, ntp, rtp in received.reports
+        if ntp
+    ]
+
+
 async def test_talking_peer_gets_paced_lip_synced_video_and_its_audio(gateway, compositing) -> None:
     url = await gateway()
     talk = SpeechTrack(speech_with_pauses(("silence", 0.5), ("speech", 2.0), ("silence", 2.0)))
@@ -136,6 +149,14 @@ async def test_talking_peer_gets_paced_lip_synced_video_and_its_audio(gateway, c
     }
     best = max(agreement, key=agreement.get)
     assert abs(best) <= 1 and agreement[best] >= 0.9, agreement
+
+    # The sender reports, which a browser plays the two tracks by, place both on the ticks' clock: every report
+    # of either track puts tick 0 at the same instant (aiortc alone stamps each with its send time, and the
+    # video leaves after its decode and encode).
+    epochs = tick_zero_times(client.received)
+    assert {kind for kind, _ in epochs} == {"audio", "video"}, epochs
+    times = [t for _, t in epochs]
+    assert max(times) - min(times) < 0.002, epochs
 
     # Mouth to frame: the client's own send time of the frame's last sample -> the frame decoded here.
     received_at = {p // 3600: t for t, p in video}

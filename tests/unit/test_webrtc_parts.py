@@ -7,6 +7,7 @@ import pytest
 
 from lipsync_gateway.audio_in import BLOCK, SpeechGate, level_db
 from lipsync_gateway.playout import IN_PER_FRAME, UtteranceAudio
+from lipsync_gateway.rtp_clock import NTP_UNIX_OFFSET, ntp_time, on_capture_clock
 from lipsync_gateway.webrtc import ice_servers
 
 
@@ -47,3 +48,10 @@ def test_ice_server_flags() -> None:
     assert stun.username is None and turn.username == "u" and turn.credential == "p"
     with pytest.raises(ValueError, match="--ice-server"):
         ice_servers(["http://example"], None, None)
+
+
+def test_ntp_time_and_a_sender_that_is_not_aiortcs() -> None:
+    assert ntp_time(0.0) == NTP_UNIX_OFFSET << 32
+    assert ntp_time(1.5) - ntp_time(1.0) == 1 << 31  # half a second: half of the low word's range
+    other = object()
+    assert on_capture_clock(other) is other
