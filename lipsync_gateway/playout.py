@@ -149,7 +149,6 @@ class Entry:
 @dataclass
 class Tick:
     video: av.VideoFrame
-    audio: list[av.AudioFrame]
     info: dict[str, Any]
     due: float  # time.monotonic() the tick was due
 
@@ -315,7 +314,7 @@ class Playout:
             video.pts = n * VIDEO_TICKS
             video.time_base = VIDEO_TIME_BASE
             info = {**info, "n": n, "pts": n * VIDEO_TICKS, "buffer": len(self.buffer)}
-            self.video.queue.put_nowait(Tick(video, sound, info, due))
+            self.video.queue.put_nowait(Tick(video, info, due))
             self.stats.ticks += 1
             n += 1
 

@@ -1,12 +1,19 @@
-"""The WebRTC gateway's pure parts: the speech gate, the utterance audio store, ICE server flags."""
+"""The WebRTC gateway's parts without a peer: the speech gate, the utterance audio store, the playout clock,
+ICE server flags, NTP times."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from types import SimpleNamespace
+
+import av
+import cv2
 import numpy as np
 import pytest
 
 from lipsync_gateway.audio_in import BLOCK, SpeechGate, level_db
-from lipsync_gateway.playout import IN_PER_FRAME, UtteranceAudio
+from lipsync_gateway.playout import IN_PER_FRAME, Playout, UtteranceAudio
 from lipsync_gateway.rtp_clock import NTP_UNIX_OFFSET, ntp_time, on_capture_clock
 from lipsync_gateway.webrtc import ice_servers
 
@@ -55,3 +62,26 @@ def test_ntp_time_and_a_sender_that_is_not_aiortcs() -> None:
     assert ntp_time(1.5) - ntp_time(1.0) == 1 << 31  # half a second: half of the low word's range
     other = object()
     assert on_capture_clock(other) is other
+
+
+async def test_a_ticks_sound_is_queued_before_its_picture_is_decoded() -> None:
+    # The decode waits for a thread; the tick's first Opus frame must already be on its way by then.
+    playout = Playout(delay=0.0)
+    playout.accepting = True
+    seen: list[int] = []
+
+    def decode(jpeg: bytes) -> av.VideoFrame:
+        seen.append(playout.audio.queue.qsize())
+        return av.VideoFrame(16, 16, "yuv420p")
+
+    playout._decode = decode
+    image = cv2.imencode(".jpg", np.zeros((16, 16, 3), np.uint8))[1].tobytes()
+    frame = SimpleNamespace(speech=False, frame_index=0, background_index=0, utterance=0, utterance_frame=0)
+    playout.push(SimpleNamespace(**vars(frame), image=image), time.time())
+    clock = asyncio.create_task(playout.run())
+    try:
+        tick = await asyncio.wait_for(playout.video.queue.get(), timeout=10)
+    finally:
+        clock.cancel()
+    assert tick.info["n"] == 0 and seen[0] >= 1, seen
+    assert playout.capture_time(1920, 48000) == pytest.approx(playout.epoch + 0.04)
