@@ -47,6 +47,8 @@ VIDEO_TICKS = VIDEO_CLOCK // FPS  # 3600
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK)
 AUDIO_TIME_BASE = fractions.Fraction(1, OUT_RATE)
 STALE_S = 3 * PERIOD  # a speech frame waiting longer: the buffer is deeper than speech needs
+LATE_AUDIO_S = 0.06  # a 20 ms audio packet this long past its time is not sent (see AudioOut)
+OPUS_BITRATE = 64000
 
 
 class StepTimers:
@@ -81,10 +83,9 @@ def time_encoders() -> None:
         return
     _timed_encoders = True
     from aiortc.codecs.h264 import H264Encoder
-    from aiortc.codecs.opus import OpusEncoder
     from aiortc.codecs.vpx import Vp8Encoder
 
-    for cls, step in ((Vp8Encoder, "video_encode"), (H264Encoder, "video_encode"), (OpusEncoder, "audio_encode")):
+    for cls, step in ((Vp8Encoder, "video_encode"), (H264Encoder, "video_encode")):
         original = cls.encode
 
         def encode(self: Any, frame: Any, force_keyframe: bool = False, _original: Any = original, _step=step):
@@ -162,10 +163,12 @@ class PlayoutStats:
     skipped: int = 0  # idle or quiet frames skipped to bring the buffer back to its depth
     repeated: int = 0  # idle pictures shown twice to deepen the buffer
     late_sends: int = 0  # ticks the encoder took more than a period after they were due
+    late_audio: int = 0  # 20 ms audio packets not sent: past their time by more than LATE_AUDIO_S
     shed: int = 0  # ticks not encoded at all because a newer one was waiting (an overloaded encoder)
     dropped: int = 0  # frames of interrupted utterances
     latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))
     send_lag_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))  # due -> encoder
+    audio_lag_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4000))  # due -> sender
 
 
 class Playout:
@@ -388,7 +391,16 @@ class VideoOut(MediaStreamTrack):
 
 
 class AudioOut(MediaStreamTrack):
-    """The speech the frames were made for (silence between), 20 ms s16 frames at 48 kHz in step with the video."""
+    """The speech the frames were made for (silence between), in step with the video: 20 ms Opus packets.
+
+    The track encodes its own Opus so that it can leave out a packet that is late without disturbing the encoder.
+    After a stall (of this process, or of the machine) the ticks catch up, and their packets would reach the
+    browser in a burst. A browser's audio jitter buffer grows to cover every arrival spread that it sees, and it
+    shrinks again only slowly. Its lip sync then delays the picture to match, for many seconds. A packet that is
+    missing is concealed instead, and the buffer keeps its depth. The encoder sees every frame in order, because
+    Opus looks ahead 6.5 ms and a gap in its input would mislabel the next packet. The RTP timestamps stay the
+    frames' own pts, and aiortc sends the packets as they are.
+    """
 
     kind = "audio"
 
@@ -397,13 +409,50 @@ class AudioOut(MediaStreamTrack):
         self.playout = playout
         self.queue: asyncio.Queue[av.AudioFrame] = asyncio.Queue()
         self.captured: float | None = None  # as VideoOut's
+        self._encoder = opus_encoder()
+        self._shift: int | None = None  # frame pts - packet pts: the encoder's look-ahead
 
-    async def recv(self) -> av.AudioFrame:
+    def _encode(self, frame: av.AudioFrame) -> av.Packet | None:
+        began = time.thread_time()
+        packets = self._encoder.encode(frame)
+        TIMERS.add("audio_encode", time.thread_time() - began)
+        if not packets:
+            return None
+        packet = packets[0]
+        if self._shift is None:
+            self._shift = frame.pts - packet.pts
+        packet.pts += self._shift
+        packet.time_base = AUDIO_TIME_BASE
+        return packet
+
+    async def recv(self) -> av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
-        frame = await self.queue.get()
-        self.captured = self.playout.capture_time(frame.pts, OUT_RATE)
-        return frame
+        while True:
+            frame = await self.queue.get()
+            packet = self._encode(frame)
+            due = self.playout.capture_time(frame.pts, OUT_RATE)
+            if packet is None or due is None:
+                continue
+            lag = time.time() - due
+            self.playout.stats.audio_lag_ms.append(lag * 1000)
+            if lag > LATE_AUDIO_S:
+                self.playout.stats.late_audio += 1
+                continue
+            self.captured = self.playout.capture_time(packet.pts, OUT_RATE)
+            return packet
+
+
+def opus_encoder() -> av.CodecContext:
+    """Mono Opus for speech at 48 kHz, 20 ms a packet (one per frame we give it)."""
+    codec = av.CodecContext.create("libopus", "w")
+    codec.bit_rate = OPUS_BITRATE
+    codec.format = "s16"
+    codec.layout = "mono"
+    codec.sample_rate = OUT_RATE
+    codec.time_base = AUDIO_TIME_BASE
+    codec.options = {"application": "voip"}
+    return codec
 
 
 def frame_message(info: dict[str, Any]) -> str:

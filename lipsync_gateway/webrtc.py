@@ -316,6 +316,7 @@ class Peer:
             "speech_frames": stats.speech_frames,
             "underruns": stats.underruns,
             "late_sends": stats.late_sends,
+            "late_audio": stats.late_audio,
             "shed": stats.shed,
             "skipped": stats.skipped,
             "repeated": stats.repeated,
@@ -323,7 +324,9 @@ class Peer:
             "mic_seconds": round(self.mic_samples / RATE, 2),
             "utterances": self.utterance,
             "buffer": len(self.playout.buffer),
-            "send_lag_ms_p95": round(float(np.percentile(stats.send_lag_ms, 95)), 1) if stats.send_lag_ms else None,
+            "send_lag_ms_p95": _percentile(stats.send_lag_ms, 95),
+            "audio_lag_ms_p99": _percentile(stats.audio_lag_ms, 99),
+            "audio_lag_ms_max": _percentile(stats.audio_lag_ms, 100),
             "audio_to_send_ms_p50": None if latencies is None else round(float(np.percentile(latencies, 50)), 1),
             "audio_to_send_ms_p95": None if latencies is None else round(float(np.percentile(latencies, 95)), 1),
         }
@@ -345,6 +348,10 @@ class Peer:
             await self.pc.close()
         self.playout.video.stop()
         self.playout.audio.stop()
+
+
+def _percentile(values: Any, q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 1) if values else None
 
 
 class PeerManager:

@@ -4,6 +4,7 @@ ICE server flags, NTP times."""
 from __future__ import annotations
 
 import asyncio
+import fractions
 import time
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
+from lipsync_gateway import playout as playout_module
 from lipsync_gateway.audio_in import BLOCK, SpeechGate, level_db
 from lipsync_gateway.playout import IN_PER_FRAME, Playout, UtteranceAudio
 from lipsync_gateway.rtp_clock import NTP_UNIX_OFFSET, ntp_time, on_capture_clock
@@ -85,3 +87,35 @@ async def test_a_ticks_sound_is_queued_before_its_picture_is_decoded() -> None:
         clock.cancel()
     assert tick.info["n"] == 0 and seen[0] >= 1, seen
     assert playout.capture_time(1920, 48000) == pytest.approx(playout.epoch + 0.04)
+
+
+async def test_late_audio_packets_are_left_out_and_the_rest_keep_their_timestamps(monkeypatch) -> None:
+    # A stall: frames 3-8 reach the track together, 5 ms after frame 8 was due. The three more than 60 ms late
+    # must not go (a burst grows the browser's jitter buffer); the encoder still sees them, so every packet
+    # that goes keeps its own frame's pts.
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(playout_module, "time", SimpleNamespace(time=lambda: clock.now, thread_time=time.thread_time))
+    playout = Playout(delay=0.0)
+    playout.epoch = 1000.0
+    track, step = playout.audio, 960
+
+    def frame(k: int) -> av.AudioFrame:
+        samples = (1000 * np.sin(np.arange(step) / 7 + k)).astype(np.int16)[None]
+        out = av.AudioFrame.from_ndarray(samples, "s16", "mono")
+        out.sample_rate, out.pts, out.time_base = 48000, k * step, fractions.Fraction(1, 48000)
+        return out
+
+    sent = []
+    for k in range(3):
+        clock.now = 1000.0 + k * 0.02 + 0.002
+        track.queue.put_nowait(frame(k))
+        sent.append(await track.recv())
+    clock.now = 1000.0 + 8 * 0.02 + 0.005
+    for k in range(3, 9):
+        track.queue.put_nowait(frame(k))
+    sent += [await track.recv() for _ in range(3)]
+    assert [p.pts for p in sent] == [k * step for k in (0, 1, 2, 6, 7, 8)]
+    assert all(p.time_base == fractions.Fraction(1, 48000) and p.size > 0 for p in sent)
+    assert playout.stats.late_audio == 3
+    assert sorted(round(v) for v in playout.stats.audio_lag_ms) == [2, 2, 2, 5, 25, 45, 65, 85, 105]
+    assert track.captured == pytest.approx(1000.0 + 8 * 0.02)
