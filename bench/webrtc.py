@@ -130,6 +130,7 @@ async def run_level(url: str, peers: int, gateway_pid: int, seconds: float) -> d
         "late_frames": sum(late.values()),
         "late_fraction": round(sum(late.values()) / max(ticks, 1), 4),
         **late,
+        "late_audio_packets": _delta(before, after, "late_audio"),  # 20 ms packets left out, not frames
         "send_lag_ms_p95_worst_peer": max((p["send_lag_ms_p95"] or 0) for p in after["peers"]),
         "gateway_cpu_percent": round((cpu1 - cpu0) / (t1 - t0) * 100, 1),
         "cpu_ms_per_frame": round(total_ms, 2),
