@@ -48,6 +48,7 @@ VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK)
 AUDIO_TIME_BASE = fractions.Fraction(1, OUT_RATE)
 STALE_S = 3 * PERIOD  # a speech frame waiting longer: the buffer is deeper than speech needs
 LATE_AUDIO_S = 0.06  # a 20 ms audio packet this long past its time is not sent (see AudioOut)
+MAX_LEFT_OUT = 15  # ... but no more than this many in a row (300 ms): beyond that the lag is overload, not a stall
 OPUS_BITRATE = 64000
 
 
@@ -400,6 +401,10 @@ class AudioOut(MediaStreamTrack):
     missing is concealed instead, and the buffer keeps its depth. The encoder sees every frame in order, because
     Opus looks ahead 6.5 ms and a gap in its input would mislabel the next packet. The RTP timestamps stay the
     frames' own pts, and aiortc sends the packets as they are.
+
+    At most ``MAX_LEFT_OUT`` packets in a row are left out, which covers a stall of up to about 360 ms. A lag
+    that lasts longer is overload (more peers than the process can encode), not a stall. There, speech that
+    arrives late is better than no speech. An on-time packet arms the rule again.
     """
 
     kind = "audio"
@@ -411,6 +416,7 @@ class AudioOut(MediaStreamTrack):
         self.captured: float | None = None  # as VideoOut's
         self._encoder = opus_encoder()
         self._shift: int | None = None  # frame pts - packet pts: the encoder's look-ahead
+        self._left_out = 0  # late packets left out since the last one sent
 
     def _encode(self, frame: av.AudioFrame) -> av.Packet | None:
         began = time.thread_time()
@@ -436,9 +442,12 @@ class AudioOut(MediaStreamTrack):
                 continue
             lag = time.time() - due
             self.playout.stats.audio_lag_ms.append(lag * 1000)
-            if lag > LATE_AUDIO_S:
+            if lag > LATE_AUDIO_S and self._left_out < MAX_LEFT_OUT:
+                self._left_out += 1
                 self.playout.stats.late_audio += 1
                 continue
+            if lag <= LATE_AUDIO_S:
+                self._left_out = 0
             self.captured = self.playout.capture_time(packet.pts, OUT_RATE)
             return packet
 

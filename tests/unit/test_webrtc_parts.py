@@ -119,3 +119,25 @@ async def test_late_audio_packets_are_left_out_and_the_rest_keep_their_timestamp
     assert playout.stats.late_audio == 3
     assert sorted(round(v) for v in playout.stats.audio_lag_ms) == [2, 2, 2, 5, 25, 45, 65, 85, 105]
     assert track.captured == pytest.approx(1000.0 + 8 * 0.02)
+
+
+async def test_a_lasting_lag_is_overload_and_its_audio_still_goes(monkeypatch) -> None:
+    # 40 packets in a row 200 ms late: the first MAX_LEFT_OUT are left out (a stall would end there), the
+    # rest go late rather than leave the listener in silence; an on-time packet arms the rule again.
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(playout_module, "time", SimpleNamespace(time=lambda: clock.now, thread_time=time.thread_time))
+    playout = Playout(delay=0.0)
+    playout.epoch = 1000.0
+    track, step = playout.audio, 960
+    sent = []
+    for k in range(45):
+        samples = (1000 * np.sin(np.arange(step) / 7 + k)).astype(np.int16)[None]
+        frame = av.AudioFrame.from_ndarray(samples, "s16", "mono")
+        frame.sample_rate, frame.pts, frame.time_base = 48000, k * step, fractions.Fraction(1, 48000)
+        clock.now = 1000.0 + k * 0.02 + (0.2 if k < 40 else 0.0)
+        track.queue.put_nowait(frame)
+        if k >= playout_module.MAX_LEFT_OUT:
+            sent.append((await track.recv()).pts // step)
+    assert sent == list(range(playout_module.MAX_LEFT_OUT, 45))
+    assert playout.stats.late_audio == playout_module.MAX_LEFT_OUT
+    assert track._left_out == 0
