@@ -89,21 +89,32 @@ async def test_a_ticks_sound_is_queued_before_its_picture_is_decoded() -> None:
     assert playout.capture_time(1920, 48000) == pytest.approx(playout.epoch + 0.04)
 
 
-async def test_late_audio_packets_are_left_out_and_the_rest_keep_their_timestamps(monkeypatch) -> None:
-    # A stall: frames 3-8 reach the track together, 5 ms after frame 8 was due. The three more than 60 ms late
-    # must not go (a burst grows the browser's jitter buffer); the encoder still sees them, so every packet
-    # that goes keeps its own frame's pts.
+STEP = 960  # one 20 ms Opus frame at 48 kHz
+
+
+def on_a_fake_clock(monkeypatch) -> tuple[SimpleNamespace, Playout]:
+    """A playout whose pts 0 was due at 1000.0 on a clock the test sets (``clock.now``)."""
     clock = SimpleNamespace(now=1000.0)
     monkeypatch.setattr(playout_module, "time", SimpleNamespace(time=lambda: clock.now, thread_time=time.thread_time))
     playout = Playout(delay=0.0)
     playout.epoch = 1000.0
-    track, step = playout.audio, 960
+    return clock, playout
 
-    def frame(k: int) -> av.AudioFrame:
-        samples = (1000 * np.sin(np.arange(step) / 7 + k)).astype(np.int16)[None]
-        out = av.AudioFrame.from_ndarray(samples, "s16", "mono")
-        out.sample_rate, out.pts, out.time_base = 48000, k * step, fractions.Fraction(1, 48000)
-        return out
+
+def frame(k: int) -> av.AudioFrame:
+    """Audio frame ``k`` of the track: 20 ms of a tone at pts ``k * STEP``."""
+    samples = (1000 * np.sin(np.arange(STEP) / 7 + k)).astype(np.int16)[None]
+    out = av.AudioFrame.from_ndarray(samples, "s16", "mono")
+    out.sample_rate, out.pts, out.time_base = 48000, k * STEP, fractions.Fraction(1, 48000)
+    return out
+
+
+async def test_late_audio_packets_are_left_out_and_the_rest_keep_their_timestamps(monkeypatch) -> None:
+    # A stall: frames 3-8 reach the track together, 5 ms after frame 8 was due. The three more than 60 ms late
+    # must not go (a burst grows the browser's jitter buffer); the encoder still sees them, so every packet
+    # that goes keeps its own frame's pts.
+    clock, playout = on_a_fake_clock(monkeypatch)
+    track, step = playout.audio, STEP
 
     sent = []
     for k in range(3):
@@ -124,18 +135,12 @@ async def test_late_audio_packets_are_left_out_and_the_rest_keep_their_timestamp
 async def test_a_lasting_lag_is_overload_and_its_audio_still_goes(monkeypatch) -> None:
     # 40 packets in a row 200 ms late: the first MAX_LEFT_OUT are left out (a stall would end there), the
     # rest go late rather than leave the listener in silence; an on-time packet arms the rule again.
-    clock = SimpleNamespace(now=1000.0)
-    monkeypatch.setattr(playout_module, "time", SimpleNamespace(time=lambda: clock.now, thread_time=time.thread_time))
-    playout = Playout(delay=0.0)
-    playout.epoch = 1000.0
-    track, step = playout.audio, 960
+    clock, playout = on_a_fake_clock(monkeypatch)
+    track, step = playout.audio, STEP
     sent = []
     for k in range(45):
-        samples = (1000 * np.sin(np.arange(step) / 7 + k)).astype(np.int16)[None]
-        frame = av.AudioFrame.from_ndarray(samples, "s16", "mono")
-        frame.sample_rate, frame.pts, frame.time_base = 48000, k * step, fractions.Fraction(1, 48000)
         clock.now = 1000.0 + k * 0.02 + (0.2 if k < 40 else 0.0)
-        track.queue.put_nowait(frame)
+        track.queue.put_nowait(frame(k))
         if k >= playout_module.MAX_LEFT_OUT:
             sent.append((await track.recv()).pts // step)
     assert sent == list(range(playout_module.MAX_LEFT_OUT, 45))
