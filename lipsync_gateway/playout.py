@@ -41,7 +41,7 @@ IN_RATE = 16000
 IN_PER_FRAME = IN_RATE // FPS  # 640 samples of the session's audio per frame
 OUT_RATE = 48000  # Opus
 OUT_PER_FRAME = OUT_RATE // FPS  # 1920
-OPUS_FRAME = OUT_RATE // 50  # aiortc sends 20 ms Opus packets: two per video frame
+OPUS_FRAME = OUT_RATE // 50  # 20 ms Opus packets: two per video frame
 VIDEO_CLOCK = 90000
 VIDEO_TICKS = VIDEO_CLOCK // FPS  # 3600
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK)
@@ -78,7 +78,8 @@ _timed_encoders = False
 
 
 def time_encoders() -> None:
-    """Wraps aiortc's VP8, H.264 and Opus ``encode`` so their CPU shows in TIMERS (once per process)."""
+    """Wraps aiortc's VP8 and H.264 ``encode`` so their CPU shows in TIMERS (once per process); the audio track
+    times its own Opus encode."""
     global _timed_encoders
     if _timed_encoders:
         return

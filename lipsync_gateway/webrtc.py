@@ -304,7 +304,6 @@ class Peer:
 
     def describe(self) -> dict[str, Any]:
         stats = self.playout.stats
-        latencies = np.array(stats.latencies_ms) if stats.latencies_ms else None
         return {
             "peer_id": self.id,
             "model": self.model,
@@ -327,8 +326,8 @@ class Peer:
             "send_lag_ms_p95": _percentile(stats.send_lag_ms, 95),
             "audio_lag_ms_p99": _percentile(stats.audio_lag_ms, 99),
             "audio_lag_ms_max": _percentile(stats.audio_lag_ms, 100),
-            "audio_to_send_ms_p50": None if latencies is None else round(float(np.percentile(latencies, 50)), 1),
-            "audio_to_send_ms_p95": None if latencies is None else round(float(np.percentile(latencies, 95)), 1),
+            "audio_to_send_ms_p50": _percentile(stats.latencies_ms, 50),
+            "audio_to_send_ms_p95": _percentile(stats.latencies_ms, 95),
         }
 
     async def close(self, reason: str) -> None:
